@@ -75,8 +75,9 @@ def _convert_gguf(spec: DictConfig, target: Path) -> None:
     log.info("converting %s to an HF checkpoint in %s (once)", path, target)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # A fresh model of the same class drops the GGUF-specific config fields before saving.
-    config = loaded.config.__class__(**{k: v for k, v in loaded.config.to_dict().items() if "gguf" not in k})
+    # A fresh model of the same class, without the GGUF quantization config, saves as plain fp32.
+    fields = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config" and "gguf" not in k}
+    config = loaded.config.__class__(**fields)
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
