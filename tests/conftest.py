@@ -38,8 +38,15 @@ TINY_FAST = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "callbacks.progress_bar=null",
-    "eval.num_examples=8",
+    "eval.task.num_examples=8",
 ]
+
+
+# The demo's generated prose as replay data: its held-out split is the forgetting / EWC data.
+REPLAY = (
+    "data.replay=[{name:prose,path:${paths.data_dir}/demo/prose_train.jsonl,"
+    "val_path:${paths.data_dir}/demo/prose_val.jsonl,format:text}]"
+)
 
 
 @pytest.fixture

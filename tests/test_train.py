@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from omegaconf import OmegaConf
@@ -11,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from fulltune.module import CausalLMModule
 from fulltune.train import fit
 
+from .conftest import REPO
+
 
 def test_tiny_run_learns_and_exports_the_trained_weights(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_steps=12", "optimizer.lr=3e-3", "save_steps=6")
+    cfg = tiny_cfg("trainer.max_steps=12", "trainer.val_check_interval=6", "optimizer.lr=3e-3", "save_steps=6")
     summary = fit(cfg)
 
     assert summary["global_step"] == 12
@@ -51,9 +55,19 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_cfg):
     losses = []
     for _ in range(10):
         loss_sum, n_tokens = module.token_loss_sum(batch)
-        assert n_tokens == 4 * 23  # shifted labels: 31 targets per row, 8 masked
+        assert n_tokens == 4 * 24  # 31 next-token targets per row; positions 1-7 of them masked
         (loss_sum / n_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append((loss_sum / n_tokens).item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_dry_run_plans_llama2_7b_without_weights():
+    """`dry_run=true` answers from the meta device: exact counts and a per-device plan, in seconds."""
+    args = ["model=llama2_7b", "strategy=fsdp", "trainer.devices=8", "dry_run=true", "regularizer=ewc"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "6,738,415,616 parameters" in result.stdout
+    assert "fsdp x 8" in result.stdout and "regularizer" in result.stdout.lower()
+    assert "H100-80GB" in result.stdout and "fits" in result.stdout

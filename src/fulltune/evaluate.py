@@ -28,6 +28,24 @@ def greedy_completions(
     return texts
 
 
+@torch.no_grad()
+def mean_token_loss(module: L.LightningModule, loader) -> float:
+    """Token-weighted mean next-token loss over every batch of `loader` on this rank (eval mode).
+
+    Every rank walks the whole loader, so sharded models (FSDP2) see the same batches on all ranks
+    and the value is exact and identical everywhere, with no sampler padding.
+    """
+    model = module.model
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=module.device)
+    for batch in loader:
+        loss_sum, n_tokens = module.token_loss_sum(module.transfer_batch_to_device(batch, module.device, 0))
+        totals += torch.stack([loss_sum.double(), n_tokens.double()])
+    model.train(was_training)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
 def exact_match(predictions: list[str], answers: list[str]) -> float:
     """Fraction of predictions equal to their answer, ignoring surrounding whitespace."""
     return sum(p.strip() == a.strip() for p, a in zip(predictions, answers, strict=False)) / max(len(answers), 1)
@@ -45,15 +63,10 @@ class TaskEvaluation(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         datamodule = trainer.datamodule
+        loss = mean_token_loss(module, datamodule.val_dataloader()[0])
         model = module.model
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            loss_sum = n_tokens = 0.0
-            for batch in datamodule.val_dataloader()[0]:
-                batch = module.transfer_batch_to_device(batch, module.device, 0)
-                s, n = module.token_loss_sum(batch)
-                loss_sum, n_tokens = loss_sum + s.item(), n_tokens + n.item()
         examples = datamodule.generation_examples(self.num_examples)
         predictions = greedy_completions(
             model, datamodule.tokenizer, [e["prompt_ids"] for e in examples], self.max_new_tokens, self.batch_size
@@ -61,7 +74,7 @@ class TaskEvaluation(L.Callback):
         model.train(was_training)
         answers = [e["answer"] for e in examples]
         self.last_predictions = list(zip(predictions, answers, strict=False))
-        return {"loss": loss_sum / max(n_tokens, 1), "accuracy": exact_match(predictions, answers)}
+        return {"loss": loss, "accuracy": exact_match(predictions, answers)}
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.fit_loop.epoch_loop.global_step == 0:  # a resumed run keeps its first measurement

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fulltune.finetune import apply_finetune
-from fulltune.models import build_model
+from fulltune.models import build_model, resolve_weights
 from fulltune.optim import param_groups
+from fulltune.regularizers import Regularizer
+from fulltune.strategies import FSDP2Strategy, load_sharded_weights
 
 
 class CausalLMModule(L.LightningModule):
@@ -28,23 +30,39 @@ class CausalLMModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
         finetune: DictConfig | None = None,
+        regularizer: Regularizer | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "regularizer"])
         self.spec = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune
+        self.regularizer = regularizer  # a penalty towards the pretrained weights (EWC, L2-SP), or None
         self.model: torch.nn.Module | None = None
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
 
     def configure_model(self) -> None:
+        """Build (and under FSDP, shard) the model once the strategy is set up.
+
+        Under FSDP a pretrained model is built on the meta device and each rank loads only its shards;
+        a `source: config` model is initialised in full first so its random weights match DDP's.
+        Under ZeRO-3 the strategy's context makes transformers create it partitioned.
+        """
         if self.model is not None:
             return
-        model = build_model(self.spec)
-        if self.spec.gradient_checkpointing:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fsdp = isinstance(strategy, FSDP2Strategy)
+        on_meta = fsdp and self.spec.source != "config"
+        model = build_model(self.spec, device="meta" if on_meta else None)
+        if self.spec.gradient_checkpointing:  # non-reentrant: the variant that works under FSDP (transformers #28499)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = apply_finetune(model, self.finetune)
+        model = apply_finetune(model, self.finetune)
+        if fsdp:
+            strategy.shard(model)
+        if on_meta:
+            load_sharded_weights(model, resolve_weights(self.spec), strategy.root_device)
+        self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
@@ -72,7 +90,12 @@ class CausalLMModule(L.LightningModule):
         self.tokens_seen += (batch["nonpad_fraction"] * batch["input_ids"].numel()).round().long()
         self.log("train/loss", loss_sum / n_tokens.clamp(min=1), prog_bar=True)
         self.log("train/nonpad_fraction", batch["nonpad_fraction"])
-        return loss_sum * scale / window.clamp(min=1)
+        loss = loss_sum * scale / window.clamp(min=1)
+        if self.regularizer is not None:  # added whole to every micro-batch: Lightning divides by k
+            penalty = self.regularizer.penalty(self)
+            self.log("train/penalty", penalty.detach(), sync_dist=self.regularizer.sharded, reduce_fx="sum")
+            loss = loss + penalty
+        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(len(self.val_source_names), 2, device=self.device, dtype=torch.float64)

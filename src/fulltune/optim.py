@@ -14,7 +14,8 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
     for param in params:
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 else decay).append(param)
+        ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions hold flat 1-d data
+        (no_decay if ndim < 2 else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,20 +1,281 @@
-"""Build a Lightning strategy from a `conf/strategy/*.yaml` node."""
+"""Build a Lightning strategy from a `conf/strategy/*.yaml` node: DDP, FSDP2 or DeepSpeed ZeRO.
+
+Every strategy runs on CPU too (gloo, 2 processes in the tests) so each one is proven equal to DDP
+without a GPU. Settings the Trainer already knows (precision, accumulation, clipping) are never
+repeated here: Lightning derives them from the one Hydra config.
+"""
 
 from __future__ import annotations
 
+import argparse
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from omegaconf import DictConfig
+from torch import nn
 
-def build_strategy(name: str, **options: Any):
-    """`auto` is Lightning's choice for one device; `ddp` replicates the model on every device.
+from fulltune.preflight import ConfigError
 
-    DDP uses the subprocess launcher; Lightning re-runs the entry script for ranks > 0 with the
-    output dir pinned, so every rank shares one Hydra output dir.
-    """
-    if name == "auto":
+FAMILIES = ("auto", "ddp", "fsdp", "deepspeed")
+
+
+def build_strategy(name: str, **options: Any) -> str | DDPStrategy | ModelParallelStrategy | LightningDeepSpeedStrategy:
+    """The strategy for `name` = `<family>[_variant]` (e.g. `deepspeed_zero3_offload`); `options` are
+    the family's keyword arguments from the YAML file."""
+    family = name.split("_", 1)[0]
+    if family == "auto":
         return "auto"
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
+    if family == "ddp":
         return DDPStrategy(**options)
-    raise ValueError(f"strategy={name!r} is not known; choose one of: auto, ddp")
+    if family == "fsdp":
+        return FSDP2Strategy(**options)
+    if family == "deepspeed":
+        return DeepSpeedStrategy(**options)
+    raise ValueError(f"strategy={name!r} is not known; the name must start with one of: {', '.join(FAMILIES)}")
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) over all devices of all nodes.
+
+    Lightning's FSDPStrategy is FSDP1 and refuses CPU; FSDP2 through ModelParallelStrategy runs on CPU
+    and GPU alike. `CausalLMModule.configure_model` builds the model and calls `shard` (one FSDP unit
+    per decoder layer, then the root). Checkpoints are sharded DCP directories: no rank gathers the
+    model to save or resume.
+    """
+
+    def __init__(self, cpu_offload: bool = False, reshard_after_forward: bool = True, **options: Any) -> None:
+        super().__init__(tensor_parallel_size=1, **options)
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallel: one 1-D mesh
+        super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning restores this strategy's checkpoints without the `weights_only` that `fit` was given,
+        # and torch's default (True) refuses the hyper-parameters (DictConfigs) of the run's own checkpoint.
+        return super().load_checkpoint(checkpoint_path, weights_only=bool(weights_only))
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """`fully_shard` each decoder layer (the classes in HF's `_no_split_modules`), then the root.
+
+        Unwrapped, the whole model is one unit and every rank gathers all of it (~3x the memory,
+        pytorch-lightning #19721), so a model without `_no_split_modules` is an error.
+        """
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ConfigError(
+                f"strategy=fsdp: {type(model).__name__} names no decoder-layer class in `_no_split_modules`; "
+                "FSDP needs one unit per layer. Use strategy=ddp or a deepspeed_zero* strategy for this model."
+            )
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"],
+                                  "reshard_after_forward": self.reshard_after_forward}
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if self.precision_plugin.precision == "bf16-mixed":  # compute in bf16; fp32 shards, fp32 gradient reduction
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+
+def load_sharded_weights(model: nn.Module, weights_dir: str | Path, device: torch.device) -> None:
+    """Fill a sharded model that was built on the meta device from an HF safetensors directory.
+
+    Every rank reads (memory-mapped) only what it needs and keeps only its own shard of each
+    tensor, so no rank ever holds the full model. Non-persistent buffers (RoPE frequencies) are
+    recomputed with the model's own `_init_weights`.
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    files = _safetensors_index(Path(weights_dir))
+    expected = model.state_dict()
+    local: dict[str, torch.Tensor] = {}
+    for name in expected.keys() & files.keys():
+        target = expected[name]
+        with safe_open(files[name], framework="pt") as f:
+            full = f.get_tensor(name).to(target.dtype)
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+            local[name] = DTensor.from_local(
+                shard.to_local().clone(), target.device_mesh, target.placements,
+                shape=target.shape, stride=target.stride(),
+            )
+        else:
+            local[name] = full.to(device)
+    missing, _ = model.load_state_dict(local, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    if not_loaded := [k for k in missing if k not in tied]:
+        raise ValueError(f"{weights_dir}: no weights for {not_loaded[:5]}{' ...' if len(not_loaded) > 5 else ''}")
+    persistent = set(expected)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if any(f"{module_name}.{b}".lstrip(".") not in persistent for b, _ in module.named_buffers(recurse=False)):
+                model._init_weights(module)
+
+
+def _safetensors_index(weights_dir: Path) -> dict[str, str]:
+    """Tensor name -> file, for a single `model.safetensors` or a sharded one with its index."""
+    import json
+
+    index = weights_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: str(weights_dir / file) for name, file in weight_map.items()}
+    single = weights_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{weights_dir}: no model.safetensors(.index.json); sharded loading needs safetensors")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), str(single))
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------------
+
+
+def deepspeed_config(
+    stage: int, offload_optimizer: bool = False, offload_parameters: bool = False, micro_batch_size: int = 1
+) -> dict[str, Any]:
+    """The ZeRO part of a DeepSpeed config. Lightning adds the rest from the Trainer when it sets up:
+    `gradient_accumulation_steps`, `gradient_clipping`, and the `bf16`/`fp16` sections (fp16 with
+    dynamic loss scaling), so nothing can disagree with the Hydra config."""
+    if offload_parameters and stage != 3:
+        raise ConfigError(f"strategy: offload_parameters needs ZeRO stage 3 (got stage {stage}); "
+                          "use strategy=deepspeed_zero3_offload")
+    pin = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the optimizer comes from conf/optimizer (torch AdamW)
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+    }
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy with three changes.
+
+    - It also runs on CPU (DeepSpeed's CPU accelerator, gloo): Lightning refuses any accelerator but
+      CUDA and passes a CUDA device index to `deepspeed.initialize`. On GPUs the stock code runs.
+    - Gradient accumulation is scaled once: Lightning already divides each micro-batch loss by
+      `accumulate_grad_batches`, so the engine must not divide by it again.
+    - ZeRO-3 models are built by transformers' own `zero.Init` path (`HfDeepSpeedConfig`): weights
+      are created partitioned and loaded per partition, and HF's weight init runs on gathered
+      parameters (inside a bare `zero.Init`, it would silently skip the partitioned ones).
+    """
+
+    def __init__(
+        self, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
+        micro_batch_size: int = 1, **options: Any,
+    ) -> None:
+        super().__init__(config=deepspeed_config(stage, offload_optimizer, offload_parameters, micro_batch_size),
+                         **options)
+        self.offload_optimizer = offload_optimizer
+        self._hf_zero3 = None
+
+    @property
+    def _on_cpu(self) -> bool:
+        return self.root_device.type == "cpu"
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu:
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # skips only Lightning's CUDA check
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu:
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()  # Lightning's version also checks CUDA device indices, which CPUs have none of
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> tuple:
+        if not self._on_cpu:
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        if not self.zero_stage_3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._init_config_if_needed()
+        self._hf_zero3 = HfDeepSpeedConfig(self.config)  # transformers keeps a weak reference: hold it
+        yield
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._hf_zero3 = None
+
+
+def optimizer_for(strategy: Any, factory: functools.partial) -> functools.partial:
+    """The optimizer factory a strategy can step. ZeRO-Offload steps on CPU and accepts only
+    DeepSpeed's `DeepSpeedCPUAdam` there, so torch's Adam/AdamW become it, same hyper-parameters."""
+    if not (isinstance(strategy, DeepSpeedStrategy) and strategy.offload_optimizer):
+        return factory
+    if factory.func not in (torch.optim.AdamW, torch.optim.Adam):
+        raise ConfigError(f"DeepSpeed optimizer offload needs Adam/AdamW (it steps DeepSpeedCPUAdam); "
+                          f"optimizer is {factory.func.__name__}. Use optimizer=adamw or a strategy without offload.")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    shared = {k: v for k, v in factory.keywords.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+    return functools.partial(DeepSpeedCPUAdam, adamw_mode=factory.func is torch.optim.AdamW, **shared)
+
+
+# -- checks -----------------------------------------------------------------------------------------------
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether no rank holds the full, final fp32 weights in memory (export goes through a checkpoint)."""
+    return isinstance(strategy, ModelParallelStrategy | LightningDeepSpeedStrategy)
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Strategy x precision x install combinations that cannot run, each as one message with the fix."""
+    import importlib.util
+
+    name, precision = cfg.strategy.name, cfg.precision.value
+    family = name.split("_", 1)[0]
+    if family == "fsdp" and precision == "16-mixed":
+        raise ConfigError(f"strategy={name} does not support precision=fp16_mixed (FSDP2 has no fp16 loss scaling "
+                          "in Lightning); use precision=bf16_mixed (sm80+ GPUs) or a deepspeed_zero* strategy.")
+    if family in ("fsdp", "deepspeed") and cfg.finetune.method == "lora":
+        raise ConfigError(f"finetune=lora with strategy={name} is not supported (sharded loading and export handle "
+                          "plain weights only); LoRA's trainable state is small: use strategy=ddp.")
+    if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"strategy={name} needs DeepSpeed: pip install --no-build-isolation 'fulltune[deepspeed]' "
+                          "(after torch), or use strategy=fsdp / ddp.")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fulltune.preflight import CONF_DIR, ConfigError, check_override_keys, preflight
 
 log = logging.getLogger(__name__)
+JOB_CONFIG_ENV = "FULLTUNE_JOB_CONFIG"
 PACKAGES = ("torch", "lightning", "transformers", "hydra-core", "datasets", "peft", "wandb")
 
 
@@ -33,25 +37,88 @@ def run_metadata() -> dict:
     }
 
 
+def reset_peak_memory() -> None:
+    """Open this run's peak-memory window: the jobs of a multirun share one process, and without a
+    reset each would report the largest peak of all jobs before it. On CPU the earlier jobs' freed
+    memory is first handed back to the OS, so it does not count as this run's."""
+    import contextlib
+    import ctypes
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # glibc only
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
+
+
 def peak_memory_bytes() -> int:
-    """Peak device memory on GPU, else the process's peak RSS."""
+    """Peak device memory on GPU, else the process's peak RSS since `reset_peak_memory`."""
+    import re
     import resource
 
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def dry_run(cfg: DictConfig) -> None:
-    """Build the architecture on the meta device and report its size; no weights, no data."""
-    from fulltune.finetune import apply_finetune, count_params
+    """Build the architecture on the meta device and print the memory plan; no weights, no data."""
+    from fulltune.finetune import apply_finetune
+    from fulltune.memory import build_memory_plan, describe, render_plan, suggest_alternatives
     from fulltune.models import build_model
 
-    model = apply_finetune(build_model(cfg.model, device="meta"), cfg.finetune)
-    total, trainable = count_params(model)
-    print(f"model={cfg.model.name}: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
+    arch = describe(apply_finetune(build_model(cfg.model, device="meta"), cfg.finetune))
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    plan_kwargs = {
+        "precision": cfg.precision.value,
+        "strategy": cfg.strategy.name,
+        "world_size": devices * cfg.trainer.num_nodes,
+        "micro_batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.max_length,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+        "extra_param_copies": {"EWC": 2, "L2SP": 1}.get(cfg.regularizer.get("_target_", "").rsplit(".", 1)[-1], 0),
+        "gpu": cfg.gpu,
+    }
+    plan = build_memory_plan(arch, **plan_kwargs)
+    alternatives = () if plan.fits(cfg.gpu) else suggest_alternatives(arch, plan_kwargs, cfg.gpu)
+    print(f"model={cfg.model.name}: {arch.total:,} parameters, {arch.trainable:,} trainable "
+          f"({arch.trainable / arch.total:.2%})")
+    print(render_plan(plan, alternatives))
+
+
+@contextmanager
+def job_scope(job_config: Path) -> Iterator[None]:
+    """Run one job's `trainer.fit` self-contained, also as one job of a Hydra multirun.
+
+    Lightning starts ranks > 0 by re-running the command line: in a multirun each child would run the
+    whole sweep (pytorch-lightning #11300) and resolve `${now:}` on its own (#5512). Instead the
+    children find this job's resolved config through FULLTUNE_JOB_CONFIG (see `main`), so every rank
+    runs exactly this job in its output dir. Afterwards the process group and the launcher's
+    variables (LOCAL_RANK, WORLD_SIZE, MASTER_PORT...) are cleared: left set, the next job would take
+    its processes for externally started ones and wait for ranks that never come.
+    """
+    import torch
+
+    saved = dict(os.environ)
+    os.environ[JOB_CONFIG_ENV] = str(job_config)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def fit(cfg: DictConfig) -> dict:
@@ -60,36 +127,52 @@ def fit(cfg: DictConfig) -> dict:
     import torch
     from hydra.utils import instantiate
 
-    from fulltune.evaluate import TaskEvaluation
-    from fulltune.export import export_hf
-    from fulltune.finetune import count_params
+    from fulltune.export import SaveAtTrainEnd, export_checkpoint, export_hf
+    from fulltune.finetune import count_params, merged_for_export
+    from fulltune.loggers import finish_loggers
     from fulltune.models import load_tokenizer
     from fulltune.module import CausalLMModule
+    from fulltune.regularizers import RegularizerSetup
+    from fulltune.strategies import is_sharded, optimizer_for
 
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Hydra's root handlers print them once
+        logging.getLogger(name).handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
     if cfg.precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(cfg.paths.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
+    regularizer = instantiate(cfg.regularizer) if "_target_" in cfg.regularizer else None
+    strategy = instantiate(cfg.strategy)
+    spec = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # checkpoints keep no ${hydra:...}
     module = CausalLMModule(
-        model=cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
-        finetune=cfg.finetune,
+        model=spec, optimizer=optimizer_for(strategy, instantiate(cfg.optimizer)),
+        scheduler=instantiate(cfg.scheduler), finetune=cfg.finetune, regularizer=regularizer,
     )
-    task_eval: TaskEvaluation = instantiate(cfg.eval)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [task_eval]
+    evaluators = [instantiate(e) for e in cfg.eval.values() if e is not None]  # each has `results`
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + evaluators
+    callbacks += [RegularizerSetup(regularizer)] if regularizer is not None else []
+    final_ckpt = out_dir / "checkpoints" / "final.ckpt"
+    if cfg.export and is_sharded(strategy):  # no rank holds the whole model: export from sharded files
+        callbacks.append(SaveAtTrainEnd(final_ckpt))
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, strategy=instantiate(cfg.strategy), precision=cfg.precision.value,
+        cfg.trainer, strategy=strategy, precision=cfg.precision.value,
         callbacks=callbacks, logger=loggers or False,
     )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml({**resolved, "run": run_metadata()}))
+        for logger in trainer.loggers:  # the whole resolved config, not only the module's hyper-parameters
+            logger.log_hyperparams(resolved)
 
+    reset_peak_memory()
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    with job_scope(out_dir / "config.yaml"):
+        # our own checkpoints: their hyper-parameters hold DictConfigs, which weights_only=True refuses
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=False)
     total, trainable = count_params(module.model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
     summary = {
@@ -105,21 +188,28 @@ def fit(cfg: DictConfig) -> dict:
         "params_trainable": trainable,
         "peak_memory_bytes": peak_memory_bytes(),
         **metrics,
-        **task_eval.results,
+        **{k: v for evaluator in evaluators for k, v in evaluator.results.items()},
         "data": getattr(datamodule, "stats", {}),
     }
     summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["wall_time_s"], 1)
     if trainer.is_global_zero:
         if cfg.export:
-            summary["export_dir"] = str(export_hf(module.model, tokenizer, out_dir / "hf"))
+            summary["export_dir"] = str(
+                export_checkpoint(final_ckpt, out_dir / "hf", tokenizer=tokenizer) if is_sharded(strategy)
+                else export_hf(merged_for_export(module.model), tokenizer, out_dir / "hf")
+            )
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("summary: %s", out_dir / "summary.json")
+        finish_loggers(trainer.loggers, summary)
     return summary
 
 
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
+    from fulltune.strategies import check_strategy
+
     preflight(cfg)
+    check_strategy(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return None
@@ -134,7 +224,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry: unknown keys get a did-you-mean message before Hydra composes anything."""
+    """Console entry: unknown keys get a did-you-mean message before Hydra composes anything.
+
+    A rank > 0 that Lightning started for a job runs that job's resolved config instead of the
+    command line (in a multirun, the whole sweep): see `job_scope`.
+    """
+    job_config = os.environ.get(JOB_CONFIG_ENV)
+    if job_config and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        cfg = OmegaConf.load(job_config)
+        cfg.pop("run")  # the run metadata stored beside the config
+        train(cfg)
+        return
     overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
     try:
         check_override_keys(overrides)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-VERSION = 1  # bump when the generated content changes, so old copies are regenerated
+VERSION = 2  # bump when the generated content changes, so old copies are regenerated
 SIZES = {"dates": (2000, 100), "dates_chat": (400, 50), "reviews": (400, 50), "prose": (2000, 100)}
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
@@ -109,9 +109,10 @@ def review_rows(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[d
     while len(rows) < n_train + n_val:
         label = rng.choice(["positive", "negative"])
         words, after = (GOOD, GOOD_AFTER) if label == "positive" else (BAD, BAD_AFTER)
-        text = f"The {rng.choice(PRODUCTS)} is {rng.choice(words)}. {rng.choice(after)}"
+        product = rng.choice(PRODUCTS)
+        text = f"The {product} is {rng.choice(words)}. {rng.choice(after)}"
         if rng.random() < 0.5:
-            text = f"Bought this {rng.choice(PRODUCTS)} last {rng.choice(MONTHS)}. " + text
+            text = f"Bought this {product} last {rng.choice(MONTHS)}. " + text.replace(f"The {product}", "It")
         if text not in seen:
             seen.add(text)
             rows.append({"text": text, "label": label})

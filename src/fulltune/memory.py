@@ -1,0 +1,516 @@
+"""Memory plan: what each device must hold to fine-tune a model, known before any weights load.
+
+Parameters are counted exactly on a meta-device model; bytes per parameter follow from precision,
+optimizer and strategy; activations from micro-batch, sequence length and the layer shapes, with
+per-layer byte counts measured on HF Llama's saved tensors. `train.py ... dry_run=true` prints
+`render_plan(plan, suggest_alternatives(...))`. The accounting and its checks: docs/memory.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fulltune import finetune
+
+GiB = 2**30
+
+# Usable memory per GPU in GiB: the total torch.cuda reports (the CUDA context comes out of it).
+GPUS: dict[str, float] = {
+    "A100-40GB": 39.4,
+    "A100-80GB": 79.2,
+    "H100-80GB": 79.1,
+    "H200-141GB": 139.8,
+    "L4": 22.0,
+    "A10G": 22.0,
+    "RTX-4090": 23.6,
+    "T4": 14.7,
+    "V100-32GB": 31.7,
+}
+
+# ZeRO stage each strategy reaches: 1 shards optimizer states and the fp32 master, 2 also gradients,
+# 3 also weights (FSDP full shard is ZeRO-3). "_offload" moves every sharded part to CPU RAM.
+SHARD_STAGE = {
+    "auto": 0,
+    "ddp": 0,
+    "deepspeed_zero1": 1,
+    "deepspeed_zero2": 2,
+    "deepspeed_zero2_offload": 2,
+    "deepspeed_zero3": 3,
+    "deepspeed_zero3_offload": 3,
+    "fsdp": 3,
+    "fsdp_offload": 3,
+}
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+PRECISION_ALIASES = {"32": "32-true", "fp32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+# optimizer -> (states per trainable param, fixed bytes per state or None to follow the precision)
+OPTIMIZERS: dict[str, tuple[int, int | None]] = {
+    "adamw": (2, None),
+    "adam": (2, None),
+    "sgd": (1, None),  # momentum buffer
+    "lion": (1, None),
+    "adamw8bit": (2, 1),  # bitsandbytes blockwise 8-bit m and v
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-quantised absmax per 64 weights
+CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
+DEEPSPEED_BUCKET = 200_000_000  # Lightning's reduce_bucket_size in elements; overlap_comm keeps two
+# Bytes per token per decoder layer saved around the two RMSNorms: fp32 keeps x, x*rsqrt and the output;
+# 16-bit weights keep an fp32 upcast plus 16-bit normalised input and output; autocast keeps x and
+# x*rsqrt in fp32 and casts the input of q, k, v, gate, up to 16 bit separately (5 x 2 B).
+NORM_BYTES = {"fp32": 24, "16-bit": 16, "autocast": 26}
+FINAL_NORM_BYTES = {"fp32": 12, "16-bit": 8, "autocast": 10}
+LOSS_BYTES = 12  # per logit: fp32 log-probs saved by cross-entropy + their grad + the logits' grad (fp32)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a plan needs from a model: exact parameter counts and its layer shapes."""
+
+    name: str
+    total: int
+    trainable: int
+    linear: int  # nn.Linear params: autocast keeps a 16-bit copy of each for backward
+    layer_linear: int  # nn.Linear params inside decoder layers: what QLoRA quantizes
+    layer: int  # params of one decoder layer: the FSDP / ZeRO-3 shard unit
+    lora_width: int  # sum of in + out features of the LoRA target projections
+    layers: int
+    hidden: int
+    heads: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    eager: bool  # eager attention materialises the softmax (a·s² per layer); SDPA/flash does not
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of one training setup; `total` is what the GPU must hold at the peak."""
+
+    model: str
+    total_params: int
+    trainable_params: int
+    method: str
+    precision: str
+    strategy: str
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    optimizer: str
+    accounting: str
+    weights: int
+    compute_copies: int
+    gradients: int
+    master_weights: int
+    optimizer_states: int
+    regularizer: int
+    buffers: int
+    activations: int
+    logits: int
+    overhead: int
+    cpu_ram: int  # per process, for offloaded shards
+    gpu: str | None = None
+    notes: dict[str, str] = field(default_factory=dict, compare=False)
+
+    LINES = (
+        ("weights", "weights"),
+        ("compute_copies", "16-bit compute copies"),
+        ("gradients", "gradients"),
+        ("master_weights", "fp32 master weights"),
+        ("optimizer_states", "optimizer states"),
+        ("regularizer", "regularizer copies"),
+        ("buffers", "communication buffers"),
+        ("activations", "activations"),
+        ("logits", "final norm + logits/loss"),
+        ("overhead", "CUDA context + workspaces"),
+    )
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name, _ in self.LINES)
+
+    def fits(self, gpu: str | None = None) -> bool:
+        """Whether the peak fits in `gpu`'s memory (default: the GPU the plan was made for)."""
+        return self.total <= gpu_bytes(gpu or self.gpu)
+
+
+def gpu_bytes(name: str | None) -> int:
+    """Usable bytes of a catalogue GPU; names match ignoring case, spaces, '-' and '_'."""
+    key = _squash(name or "")
+    for gpu, gib in GPUS.items():
+        if _squash(gpu) == key:
+            return int(gib * GiB)
+    raise ValueError(f"unknown gpu {name!r}; known: {', '.join(GPUS)}")
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def _as_module(model: Any) -> nn.Module:
+    """The model itself, or its architecture built on the meta device from a config (no weights)."""
+    if isinstance(model, nn.Module):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model)
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameters, exact; meta tensors have sizes, so 7B costs no memory."""
+    return finetune.count_params(_as_module(model))
+
+
+def lora_param_count(model: Any, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+    """Trainable params LoRA adds: rank·(in + out) per targeted nn.Linear, as peft counts them."""
+    return rank * _lora_width(_as_module(model), targets)
+
+
+def _lora_width(module: nn.Module, targets: tuple[str, ...]) -> int:
+    return sum(
+        m.in_features + m.out_features
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+
+
+def describe(model: Any) -> Arch:
+    """Count what the plan needs once; pass the result wherever a model is accepted."""
+    if isinstance(model, Arch):
+        return model
+    module = _as_module(model)
+    cfg = module.config
+    block_types = set(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__}: no decoder layers found (_no_split_modules is empty)")
+    total, trainable = count_params(module)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return Arch(
+        name=type(module).__name__,
+        total=total,
+        trainable=trainable,
+        linear=_linear_params(module),
+        layer_linear=sum(_linear_params(b) for b in blocks),
+        layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        lora_width=_lora_width(module, LORA_TARGETS),
+        layers=len(blocks),
+        hidden=cfg.hidden_size,
+        heads=heads,
+        q_dim=heads * head_dim,
+        kv_dim=kv_heads * head_dim,
+        intermediate=cfg.intermediate_size,
+        vocab=cfg.vocab_size,
+        eager=getattr(cfg, "_attn_implementation", "sdpa") == "eager",
+    )
+
+
+def _linear_params(module: nn.Module) -> int:
+    return sum(p.numel() for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters(False))
+
+
+def activation_mode(precision: str, strategy: str) -> str:
+    """How activations are stored: fp32, 16-bit (bf16-true, DeepSpeed, FSDP2 MixedPrecisionPolicy) or
+    autocast (*-mixed under auto/ddp: fp32 residual stream, 16-bit matmuls)."""
+    if precision == "32-true":
+        return "fp32"
+    mixed = precision.endswith("-mixed") and SHARD_STAGE[strategy] == 0
+    return "autocast" if mixed else "16-bit"
+
+
+def layer_activation_bytes(arch: Arch, mode: str, tokens: int, seq_len: int) -> int:
+    """Bytes one decoder layer saves for backward (HF Llama with SDPA; measured in docs/memory.md)."""
+    p = 4 if mode == "fp32" else 2
+    attention = p * (2 * arch.q_dim + 2 * arch.kv_dim)  # q, k after RoPE, v, attention output
+    mlp = 4 * p * arch.intermediate  # gate, SiLU(gate), up, their product
+    probs = arch.heads * seq_len * (4 if p == 4 else 4 + p) if arch.eager else 0  # fp32 softmax (+ cast)
+    return tokens * (NORM_BYTES[mode] * arch.hidden + attention + mlp + probs)
+
+
+def head_activation_bytes(arch: Arch, mode: str, tokens: int) -> int:
+    """Final norm plus the loss at its peak: fp32 log-probs and, in backward, two fp32 gradients."""
+    return tokens * (FINAL_NORM_BYTES[mode] * arch.hidden + LOSS_BYTES * arch.vocab)
+
+
+def _activations(arch: Arch, mode: str, tokens: int, seq_len: int, checkpointing: bool) -> int:
+    """Decoder-layer activations at the peak. Checkpointed: each layer keeps its input (residual
+    dtype), and backward recomputes one layer at a time, after the loss buffers are freed; that
+    layer's activations plus the gradients of three MLP-wide tensors count where they exceed them."""
+    layer = layer_activation_bytes(arch, mode, tokens, seq_len)
+    if not checkpointing:
+        return arch.layers * layer
+    p = 4 if mode == "fp32" else 2
+    residual = 2 if mode == "16-bit" else 4
+    recompute = layer + tokens * 3 * p * arch.intermediate
+    return arch.layers * tokens * residual * arch.hidden + max(0, recompute - head_activation_bytes(arch, mode, tokens))
+
+
+def _param_bytes(precision: str, strategy: str) -> tuple[int, int, int, int]:
+    """(weight, grad, master, optimizer-state) bytes per parameter."""
+    if precision == "32-true":
+        return 4, 4, 0, 4
+    if precision.endswith("-true"):
+        return 2, 2, 0, 2  # torch optimizers keep their states in the parameters' dtype
+    if strategy.startswith("deepspeed"):
+        return 2, 2, 4, 4  # 16-bit model, fp32 master partition and states
+    return 4, 4, 0, 4  # fp32 params are the master; autocast / MixedPrecisionPolicy computes in 16 bit
+
+
+def build_memory_plan(
+    model: Any,
+    *,
+    precision: str,
+    strategy: str,
+    world_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    trainable_params: int | None = None,
+    extra_param_copies: int = 0,
+    gpu: str | None = None,
+    lora_rank: int | None = None,
+    quantize_base: bool = False,
+) -> MemoryPlan:
+    """Per-device memory of one setup.
+
+    `model`: an nn.Module (meta device is fine), its PretrainedConfig, or `describe(model)`.
+    `trainable_params`: how many of the model's params train (freeze); default: those with requires_grad.
+    `lora_rank`: add LoRA adapters on q/k/v/o and freeze the base. `quantize_base`: QLoRA's NF4 base.
+    `extra_param_copies`: fp32 copies of the trainable params a regularizer keeps (EWC: Fisher + anchor = 2).
+    """
+    arch = describe(model)
+    precision = PRECISION_ALIASES.get(str(precision), str(precision))
+    _check(precision, strategy, optimizer, world_size, gpu)
+    strategy = "ddp" if strategy == "auto" and world_size > 1 else strategy
+    trainable = arch.trainable if trainable_params is None else trainable_params
+    total, linear, layer = arch.total, arch.linear, arch.layer
+    if lora_rank:
+        adapters = lora_rank * arch.lora_width
+        total, trainable, linear, layer = total + adapters, adapters, linear + adapters, layer + adapters // arch.layers
+    if quantize_base and trainable >= total:
+        raise ValueError("quantize_base (QLoRA) needs a frozen base: set lora_rank or trainable_params")
+    quantized = arch.layer_linear if quantize_base else 0
+    stage, offload, n = SHARD_STAGE[strategy], strategy.endswith("_offload"), world_size
+    weight_b, grad_b, master_b, state_b = _param_bytes(precision, strategy)
+    n_states, fixed_state_b = OPTIMIZERS[optimizer]
+    state_b = fixed_state_b or state_b
+    mode = activation_mode(precision, strategy)
+    p = 4 if mode == "fp32" else 2
+    tokens = micro_batch_size * seq_len
+
+    def place(nbytes: float, from_stage: int) -> tuple[int, int]:
+        """(GPU, CPU) bytes of a part that strategies from `from_stage` on shard (and offload)."""
+        if stage < from_stage:
+            return int(nbytes), 0
+        return (0, int(nbytes / n)) if offload else (int(nbytes / n), 0)
+
+    weights, cpu_w = place(quantized * NF4_BYTES + (total - quantized) * weight_b, 3)
+    gradients, cpu_g = place(trainable * grad_b, 2)
+    master, cpu_m = place(trainable * master_b, 1)
+    states, cpu_s = place(trainable * n_states * state_b, 1)
+    if mode == "autocast":
+        compute = 2 * (linear - quantized)
+    elif stage == 3:  # gathered: non-layer params (FSDP2's root stays gathered), two layers, one layer's grads
+        compute = p * (total - arch.layers * layer + 3 * layer)
+    else:
+        compute = 0
+    if strategy == "ddp":
+        buffers = trainable * grad_b  # DDP buckets: a second gradient copy unless gradient_as_bucket_view
+    elif strategy.startswith("deepspeed"):
+        buffers = 2 * min(DEEPSPEED_BUCKET, trainable) * grad_b
+    else:
+        buffers = 0
+    method = _method(total, trainable, lora_rank, quantize_base)
+    return MemoryPlan(
+        model=arch.name,
+        total_params=total,
+        trainable_params=trainable,
+        method=method,
+        precision=precision,
+        strategy=strategy,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer,
+        accounting=_accounting(
+            precision,
+            mode,
+            optimizer,
+            (weight_b, grad_b, master_b),
+            n_states,
+            state_b,
+            frozen=total > trainable,
+            quantized=bool(quantized),
+        ),
+        weights=weights,
+        compute_copies=compute,
+        gradients=gradients,
+        master_weights=master,
+        optimizer_states=states,
+        regularizer=int(extra_param_copies * 4 * trainable / (n if stage == 3 else 1)),
+        buffers=buffers,
+        activations=_activations(arch, mode, tokens, seq_len, gradient_checkpointing),
+        logits=head_activation_bytes(arch, mode, tokens),
+        overhead=CUDA_OVERHEAD,
+        cpu_ram=cpu_w + cpu_g + cpu_m + cpu_s,
+        gpu=gpu,
+        notes=_notes(arch, mode, strategy, n, gradient_checkpointing, tokens, seq_len, extra_param_copies),
+    )
+
+
+def _check(precision: str, strategy: str, optimizer: str, world_size: int, gpu: str | None) -> None:
+    for what, value, known in (
+        ("precision", precision, PRECISIONS),
+        ("strategy", strategy, SHARD_STAGE),
+        ("optimizer", optimizer, OPTIMIZERS),
+    ):
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if gpu is not None:
+        gpu_bytes(gpu)
+
+
+def _method(total: int, trainable: int, lora_rank: int | None, quantized: bool) -> str:
+    if lora_rank:
+        return f"{'QLoRA' if quantized else 'LoRA'} r={lora_rank} on {'/'.join(LORA_TARGETS)}"
+    if trainable == total:
+        return "full fine-tuning"
+    return f"partial: {trainable / total:.1%} trainable"
+
+
+def _accounting(
+    precision: str,
+    mode: str,
+    optimizer: str,
+    param_b: tuple[int, int, int],
+    n_states: int,
+    state_b: int,
+    *,
+    frozen: bool,
+    quantized: bool,
+) -> str:
+    """The bytes-per-parameter sum the plan uses, in words."""
+    half = "fp16" if precision.startswith("16") else "bf16"
+    dtype = {4: "fp32", 2: half, 1: "8-bit"}
+    weight_b, grad_b, master_b = param_b
+    parts = [(weight_b, f"{dtype[weight_b]} weights"), (grad_b, f"{dtype[grad_b]} grads")]
+    if master_b:
+        parts.append((master_b, "fp32 master"))
+    parts.append((n_states * state_b, f"{optimizer} {n_states} state{'s' * (n_states > 1)} {dtype[state_b]}"))
+    text = f"{' + '.join(f'{b} ({what})' for b, what in parts)} = {sum(b for b, _ in parts)} B per trainable param"
+    if mode == "autocast":
+        text += f"; autocast also keeps a {half} copy of every Linear weight for backward (2 B/param)"
+    if frozen:
+        base = f"{NF4_BYTES:.3f} B (NF4) in decoder Linears, " if quantized else ""
+        text += f"; frozen params: {base}{weight_b} B ({dtype[weight_b]} weights)"
+    return text
+
+
+def _notes(
+    arch: Arch, mode: str, strategy: str, n: int, checkpointing: bool, tokens: int, seq_len: int, copies: int
+) -> dict[str, str]:
+    """One short explanation per line of the table."""
+    stage, offload = SHARD_STAGE[strategy], strategy.endswith("_offload")
+    layer = layer_activation_bytes(arch, mode, tokens, seq_len)
+    shard = f"1/{n} shard" + (", in CPU RAM" if offload else "")
+    gathered = "gathered for compute: root + 2 layers, 1 layer of grads" if stage == 3 else ""
+    recomputed = f"{arch.layers} layer inputs + 1 layer recomputed" if checkpointing else f"{arch.layers} layers"
+    return {
+        "weights": shard if stage >= 3 else "full replica",
+        "compute_copies": "autocast casts of Linear weights, kept for backward" if mode == "autocast" else gathered,
+        "gradients": shard if stage >= 2 else "full",
+        "master_weights": shard if stage >= 1 else "full",
+        "optimizer_states": shard if stage >= 1 else "full",
+        "regularizer": f"{copies} fp32 copies of the trainable params",
+        "buffers": "DDP gradient buckets" if strategy == "ddp" else "DeepSpeed reduce buckets, 2 x 2e8 elements",
+        "activations": f"{recomputed}, {layer / GiB:.3f} GiB/layer ({mode}, {tokens} tokens)",
+        "logits": f"{tokens} tokens x {arch.vocab} vocab x {LOSS_BYTES} B fp32",
+        "overhead": "fixed estimate",
+    }
+
+
+def suggest_alternatives(model: Any, plan_kwargs: dict[str, Any], gpu: str) -> list[tuple[str, MemoryPlan]]:
+    """When the requested setup does not fit `gpu`, what would, cheapest change first: the seed
+    notes' decision tree (checkpointing, smaller micro-batch, sharding and offload, more devices,
+    then LoRA / QLoRA). Each option is returned with its plan, fitting or not."""
+    arch = describe(model)
+    kwargs = {**plan_kwargs, "gpu": gpu}
+    if build_memory_plan(arch, **kwargs).fits():
+        return []
+    n = kwargs["world_size"]
+    ckpt = {"gradient_checkpointing": True}
+    options: list[tuple[str, dict[str, Any]]] = []
+    if not kwargs.get("gradient_checkpointing"):
+        options.append(("gradient checkpointing", ckpt))
+    if kwargs["micro_batch_size"] > 1:
+        options.append(
+            ("micro-batch 1 + checkpointing (raise accumulate_grad_batches)", {"micro_batch_size": 1, **ckpt})
+        )
+    if PRECISION_ALIASES.get(kwargs["precision"], kwargs["precision"]) not in ("bf16-true", "16-true"):
+        options.append(
+            (
+                "bf16-true + checkpointing (pure bf16: 8 B/param, the seed notes' 60 GB setup)",
+                {"precision": "bf16-true", **ckpt},
+            )
+        )
+    for strategy in ("fsdp", "fsdp_offload", "deepspeed_zero3_offload"):
+        if strategy != kwargs["strategy"] and (n > 1 or strategy.endswith("_offload")):
+            options.append((f"{strategy} on {n} device{'s' * (n > 1)} + checkpointing", {"strategy": strategy, **ckpt}))
+    more = _devices_needed(arch, {**kwargs, "strategy": "fsdp", **ckpt})
+    if more:
+        options.append((f"fsdp on {more} devices + checkpointing", {"strategy": "fsdp", "world_size": more, **ckpt}))
+    options.append(("LoRA r=16 on q/k/v/o + checkpointing", {"lora_rank": 16, **ckpt}))
+    options.append(("QLoRA r=16 (NF4 base) + checkpointing", {"lora_rank": 16, "quantize_base": True, **ckpt}))
+    return [(label, build_memory_plan(arch, **{**kwargs, **change})) for label, change in options]
+
+
+def _devices_needed(arch: Arch, kwargs: dict[str, Any], limit: int = 1024) -> int | None:
+    """Smallest doubling of the device count that fits, or None within `limit`."""
+    n = 2 * kwargs["world_size"]
+    while n <= limit:
+        if build_memory_plan(arch, **{**kwargs, "world_size": n}).fits():
+            return n
+        n *= 2
+    return None
+
+
+def render_plan(plan: MemoryPlan, alternatives: list[tuple[str, MemoryPlan]] | tuple = ()) -> str:
+    """The plan as a plain-text table in GiB per device, the GPU verdict and what would fit instead."""
+    ckpt = "on" if plan.gradient_checkpointing else "off"
+    out = [
+        f"Memory plan: {plan.model}, {plan.total_params:,} params, {plan.trainable_params:,} trainable ({plan.method})",
+        f"  {plan.precision} | {plan.strategy} x {plan.world_size} | {plan.optimizer} | micro-batch "
+        f"{plan.micro_batch_size} x seq {plan.seq_len} | gradient checkpointing {ckpt}",
+        f"  accounting: {plan.accounting}",
+        f"  {'':26}{'GiB/device':>11}",
+    ]
+    for name, label in plan.LINES:
+        value = getattr(plan, name)
+        if value or name in ("weights", "gradients", "optimizer_states", "activations"):
+            out.append(f"  {label:26}{value / GiB:11.2f}  {plan.notes.get(name, '')}".rstrip())
+    out.append(f"  {'total':26}{plan.total / GiB:11.2f}")
+    if plan.cpu_ram:
+        out.append(f"  {'CPU RAM per process':26}{plan.cpu_ram / GiB:11.2f}  offloaded shards (x processes per node)")
+    if plan.gpu:
+        spare = (gpu_bytes(plan.gpu) - plan.total) / GiB
+        verdict = f"fits, {spare:.1f} GiB spare" if spare >= 0 else f"does NOT fit, {-spare:.1f} GiB short"
+        out.append(f"  {plan.gpu} ({gpu_bytes(plan.gpu) / GiB:.1f} GiB usable): {verdict}")
+    if alternatives:
+        out.append(f"  alternatives (GiB/device{' on ' + plan.gpu if plan.gpu else ''}):")
+        for label, alt in alternatives:
+            mark = "fits" if not plan.gpu or alt.fits(plan.gpu) else "no  "
+            cpu = f"  (+{alt.cpu_ram / GiB:.1f} GiB CPU RAM/process)" if alt.cpu_ram else ""
+            out.append(f"    {mark} {alt.total / GiB:8.2f}  {label}{cpu}")
+    return "\n".join(out)

@@ -1,0 +1,92 @@
+"""Many machines: torchrun across 2 "nodes" on localhost, Hydra multiruns of DDP jobs, SLURM via submitit."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fulltune.preflight import CONF_DIR
+
+from .strategy_runs import (
+    EQUAL_RUN,
+    assert_same_training,
+    from_pretrained,
+    run_command,
+    strategy_run,
+    train_command,
+)
+
+
+@pytest.fixture
+def run(tmp_path_factory, cache_dir):
+    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_train_like_two_devices(run, tmp_path, tmp_path_factory, cache_dir):
+    """`torchrun --nnodes 2 --nproc-per-node 1`, one process per "node", both on localhost: Lightning's
+    TorchElasticEnvironment picks the ranks up, and the result is the 2-device DDP run's."""
+    out = tmp_path / "run"
+    overrides = [*EQUAL_RUN, *from_pretrained(tmp_path_factory, cache_dir), "strategy=ddp", "trainer.devices=1",
+                 "trainer.num_nodes=2"]
+    port = free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *train_command(out, cache_dir, overrides)]
+    with ThreadPoolExecutor(2) as pool:  # the two "nodes" start together and must both succeed
+        list(pool.map(run_command, [[*node[:3], "--node-rank", str(rank), *node[3:]] for rank in (0, 1)]))
+    assert_same_training(run("ddp"), out, "torchrun 2 nodes x 1 process")
+
+
+def test_multirun_of_ddp_jobs_runs_every_job_in_its_own_dir(run, tmp_path, tmp_path_factory, cache_dir):
+    """`train.py -m ... strategy=ddp`: each job's second rank runs that job (not the whole sweep again,
+    pytorch-lightning #11300), in that job's output dir; the last job equals a standalone run."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in EQUAL_RUN if not o.startswith("optimizer.lr=")]
+    command = [sys.executable, "train.py", "-m", *overrides, *from_pretrained(tmp_path_factory, cache_dir),
+               "strategy=ddp", "trainer.devices=2", "optimizer.lr=1e-3,3e-3", f"paths.cache_dir={cache_dir}",
+               f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}"]
+    run_command(command)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0_tiny-full", "1_tiny-full"]
+    for job, lr in zip(jobs, ("0.001", "0.003"), strict=True):
+        assert f"lr: {lr}" in (job / "config.yaml").read_text()
+        assert (job / "summary.json").is_file() and (job / "hf" / "model.safetensors").is_file()
+    assert not (tmp_path / "logs").exists()  # no rank resolved a run dir of its own
+    assert_same_training(run("ddp"), jobs[1], "multirun job 2 (ddp)")
+
+
+def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer():
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=8", "trainer.num_nodes=2",
+                                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.timeout_min > 0
+    params = {k: launcher[k] for k in launcher if k not in ("_target_", "submitit_folder")}
+    SlurmLauncher(submitit_folder="unused", **params)  # the plugin accepts every key
+
+
+def test_submitit_runs_the_job_in_the_sweep_dir_chosen_at_submit(tmp_path, cache_dir):
+    """The slurm launcher's local twin: the job is pickled, run in another process, and writes to
+    the sweep dir printed at submit time (not one its own `${now:}` would give)."""
+    command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "~experiment", "model=tiny",
+               "trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+               "callbacks.progress_bar=null", "eval.task.num_examples=2", "eval.forgetting=null",
+               f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
+    submitted = run_command(command)
+    sweep = Path(next(line.split(" : ")[-1] for line in submitted.splitlines() if "sweep output dir" in line).strip())
+    assert sweep.parent.parent == tmp_path / "multirun" and (sweep / "0_tiny-full" / "summary.json").is_file()
