@@ -139,6 +139,11 @@ def _sharded_worker(rank: int, world: int, port: int, cfg, batches, queue) -> No
         fully_shard(layer)
     fully_shard(module.model)
     ewc, penalty = ewc_training_step(module, batches)
+    state = [ewc.state_dict()]  # every rank gathers; as in a checkpoint, rank 0's copy is what all load
+    dist.broadcast_object_list(state, src=0)
+    restored = EWC(strength=1e4)
+    restored.load_state_dict(state[0])
+    assert restored.penalty(module).item() == pytest.approx(penalty, rel=1e-6)  # its own shard back
     shards = {name: (ewc.weight[name].to_local().numpy().copy(), ewc.params[name].grad.to_local().numpy().copy(),
                      ewc.weight[name].placements[0].dim) for name in CHECKED}
     queue.put((rank, ewc.sharded, penalty, shards))
@@ -147,7 +152,8 @@ def _sharded_worker(rank: int, world: int, port: int, cfg, batches, queue) -> No
 
 def test_ewc_under_fsdp2_keeps_shards_that_add_up_to_the_unsharded_run(tiny_cfg):
     """Every rank holds the Fisher and anchor of its own shards; the per-rank penalties sum to the
-    unsharded penalty, and the gradients (task averaged over ranks + local penalty) match."""
+    unsharded penalty, the gradients (task averaged over ranks + local penalty) match, and the state
+    a checkpoint keeps (rank 0's) gives every rank its own shard back."""
     import socket
 
     import torch.multiprocessing as mp

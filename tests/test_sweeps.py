@@ -149,6 +149,7 @@ def test_full_vs_lora_experiment_sweeps_runs_that_compose_and_dry_run(tmp_path, 
     for overrides in grid:
         cfg = compose_config(["experiment=full_vs_lora", *overrides, "dry_run=true"], tmp_path, cache_dir)
         assert train(cfg) is None
-    full, _, lora, _ = lines = capsys.readouterr().out.splitlines()  # one line per run, in grid order
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model=")]
+    full, _, lora, _ = lines  # one parameter line per run, in grid order (the memory plan follows each)
     assert lines == [full, full, lora, lora] and full.startswith("model=smollm2_135m: ")
     assert "trainable (100.00%)" in full and "trainable (100.00%)" not in lora

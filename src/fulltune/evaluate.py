@@ -9,9 +9,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 @torch.no_grad()
 def greedy_completions(
-    model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+    stop_token_ids: list[int] | None = None,
 ) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded batches, KV cache on)."""
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache on), stopped at
+    `stop_token_ids` (the data's completion end, e.g. a chat turn end) or else the tokenizer's EOS."""
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     texts = []
@@ -22,7 +24,7 @@ def greedy_completions(
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            pad_token_id=pad, eos_token_id=stop_token_ids or tokenizer.eos_token_id, use_cache=True,
         )
         texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return texts
@@ -69,7 +71,8 @@ class TaskEvaluation(L.Callback):
         model.eval()
         examples = datamodule.generation_examples(self.num_examples)
         predictions = greedy_completions(
-            model, datamodule.tokenizer, [e["prompt_ids"] for e in examples], self.max_new_tokens, self.batch_size
+            model, datamodule.tokenizer, [e["prompt_ids"] for e in examples], self.max_new_tokens, self.batch_size,
+            datamodule.stop_token_ids,
         )
         model.train(was_training)
         answers = [e["answer"] for e in examples]

@@ -30,11 +30,12 @@ MODEL_PREFIX = "model."  # CausalLMModule keeps the HF model in `self.model`
 SHARD_BYTES = 2 * 1024**3
 
 
-def export_hf(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """`save_pretrained` safetensors + tokenizer + a generation config whose EOS and pad are the
-    tokenizer's (so generation stops at the turn end the model was trained to emit)."""
+def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, eos_token_ids: list[int] | None = None) -> Path:
+    """`save_pretrained` safetensors + tokenizer + a generation config that stops where training
+    ended completions: `eos_token_ids` (the data's turn end, e.g. `<|im_end|>` on a base model
+    trained with ChatML) or else the tokenizer's EOS."""
     out = Path(out_dir)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = eos_token_ids or tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -152,7 +153,7 @@ def tied_copies(config: Any) -> set[str]:
 
 def write_hf_dir(
     tensors: Iterator[tuple[str, Callable[[], torch.Tensor]]], config: Any, tokenizer: Any, out_dir: str | Path,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int = SHARD_BYTES, eos_token_ids: list[int] | None = None,
 ) -> Path:
     """Write safetensors shards (HF names: `model-00001-of-00003.safetensors` + index, or one
     `model.safetensors`), loading tensors one at a time and holding one shard at most."""
@@ -198,14 +199,16 @@ def write_hf_dir(
     config.use_cache = True
     config.save_pretrained(out)
     generation = GenerationConfig.from_model_config(config)
-    generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generation.eos_token_id = eos_token_ids or tokenizer.eos_token_id  # as in export_hf
+    generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, tokenizer: Any = None, shard_bytes: int = SHARD_BYTES
+    checkpoint: str | Path, out_dir: str | Path, tokenizer: Any = None, shard_bytes: int = SHARD_BYTES,
+    eos_token_ids: list[int] | None = None,
 ) -> Path:
     """Any checkpoint a run writes -> an HF directory (bounded RAM, CPU only). The tokenizer is the
     spec's unless one is given."""
@@ -213,7 +216,9 @@ def export_checkpoint(
 
     hyper_parameters, tensors = read_checkpoint(checkpoint)
     spec = hyper_parameters["model"]
-    return write_hf_dir(tensors, hf_config(spec), tokenizer or load_tokenizer(spec), out_dir, shard_bytes)
+    return write_hf_dir(
+        tensors, hf_config(spec), tokenizer or load_tokenizer(spec), out_dir, shard_bytes, eos_token_ids
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

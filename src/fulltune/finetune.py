@@ -14,8 +14,10 @@ METHODS = ("full", "lora", "freeze")
 
 
 def apply_finetune(model: nn.Module, cfg: DictConfig | None) -> nn.Module:
-    """Mark trainable parameters for the method in `cfg.method`; returns the model to train
-    (a `peft.PeftModel` wrapping it for `lora`)."""
+    """Mark trainable parameters for the method in `cfg.method`; returns the model to train (a
+    `peft.PeftModel` wrapping it for `lora`), in train mode: `from_pretrained` returns eval mode and
+    Lightning keeps modules' modes, which would silently switch dropout (LoRA's too) off."""
+    model.train()
     method = "full" if cfg is None else cfg.method
     if method == "full":
         model.requires_grad_(True)

@@ -9,8 +9,9 @@
   held firmly, the rest move freely.
 
 θ* and F are taken on the untouched model before the first step (`RegularizerSetup`) and are kept in
-checkpoints, so a resumed run still measures distance to the *pretrained* weights. Extra memory: one
-copy of the trainable parameters for L2-SP, two for EWC.
+checkpoints (whole: Lightning writes callback state from rank 0 alone), so a resumed run still
+measures distance to the *pretrained* weights. Extra memory: one copy of the trainable parameters
+for L2-SP, two for EWC.
 
 Sharding: θ* and F have the type of their parameter; under FSDP2 they are DTensors with the
 parameter's placement, so each rank holds only its shard. A rank's penalty covers its local shard
@@ -28,7 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fulltune.preflight import ConfigError
 
@@ -60,6 +61,37 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
             local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
         )
     return local
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU (all ranks take part when it is sharded)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+
+
+def _laid_out_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (as a checkpoint holds it) on `param`'s device, sharded like it; every rank
+    holds the same whole tensor, so each keeps its own chunk without communicating."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)
+
+
+class _WeightedSquaredDistance(torch.autograd.Function):
+    """Σ w (x − a)² (w = 1 when None) that saves no intermediates for backward, which recomputes
+    2 w (x − a) from tensors kept anyway: autograd would hold (x − a) and its square, two more copies
+    of the trainable parameters."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, anchor, weight)
+        term = (x.float() - anchor.float()).square()
+        return (term if weight is None else weight.float() * term).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, anchor, weight = ctx.saved_tensors
+        grad = 2 * grad_output * (x.float() - anchor.float())
+        return (grad if weight is None else grad * weight.float()).to(x.dtype), None, None
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -116,7 +148,7 @@ def diagonal_fisher(module: L.LightningModule, dataloader: Iterable, num_samples
         raise ValueError("regularizer=ewc: the Fisher data has no label tokens")
     if seen < num_samples:
         rank_zero_warn(f"EWC: the Fisher data has {seen} rows, fewer than num_samples={num_samples}")
-    return {name: _like(p, (sums[name] / seen).to(p.dtype)) for name, p in params}
+    return {name: _like(p, sums.pop(name).div_(seen).to(p.dtype)) for name, p in params}  # no extra copy
 
 
 class L2SP:
@@ -141,21 +173,27 @@ class L2SP:
         """This rank's penalty (its shards' under FSDP2), differentiable in the parameters."""
         if not self.anchor:
             raise RuntimeError("the regularizer has no anchor yet: call setup(module, dataloader) first")
-        if not self.params:  # state restored from a checkpoint
+        if not self.params:  # state restored from a checkpoint: bind it, sharded like the parameters
             self.params = dict(trainable_parameters(module.model))
+            self.anchor = {name: _laid_out_like(self.params[name], t) for name, t in self.anchor.items()}
+            if self.weight is not None:
+                self.weight = {name: _laid_out_like(self.params[name], t) for name, t in self.weight.items()}
+            self.sharded = any(isinstance(p, DTensor) for p in self.params.values())
         total = torch.zeros((), device=module.device)
         for name, p in self.params.items():
-            term = (_local(p).float() - _local(self.anchor[name]).float()).square()
-            if self.weight is not None:
-                term = _local(self.weight[name]).float() * term
-            total = total + term.sum()
+            weight = None if self.weight is None else _local(self.weight[name])
+            total = total + _WeightedSquaredDistance.apply(_local(p), _local(self.anchor[name]), weight)
         return 0.5 * self.strength * total
 
     def state_dict(self) -> dict:
-        return {"anchor": self.anchor, "weight": self.weight, "sharded": self.sharded}
+        """Whole tensors, gathered one at a time to CPU: Lightning writes callback state from rank 0
+        alone, also when the weights are saved sharded (FSDP2). Called on every rank."""
+        weight = None if self.weight is None else {name: _full(t) for name, t in self.weight.items()}
+        return {"anchor": {name: _full(t) for name, t in self.anchor.items()}, "weight": weight}
 
     def load_state_dict(self, state: dict) -> None:
-        self.anchor, self.weight, self.sharded = state["anchor"], state["weight"], state["sharded"]
+        """Keep the whole tensors; the first `penalty` binds and shards them like the parameters."""
+        self.anchor, self.weight, self.params = dict(state["anchor"]), state["weight"], {}
 
 
 class EWC(L2SP):

@@ -194,9 +194,11 @@ def fit(cfg: DictConfig) -> dict:
     summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["wall_time_s"], 1)
     if trainer.is_global_zero:
         if cfg.export:
+            stop_ids = datamodule.stop_token_ids  # generation stops where training ended completions
             summary["export_dir"] = str(
-                export_checkpoint(final_ckpt, out_dir / "hf", tokenizer=tokenizer) if is_sharded(strategy)
-                else export_hf(merged_for_export(module.model), tokenizer, out_dir / "hf")
+                export_checkpoint(final_ckpt, out_dir / "hf", tokenizer=tokenizer, eos_token_ids=stop_ids)
+                if is_sharded(strategy)
+                else export_hf(merged_for_export(module.model), tokenizer, out_dir / "hf", eos_token_ids=stop_ids)
             )
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("summary: %s", out_dir / "summary.json")
