@@ -46,7 +46,8 @@ def test_harness_scores_the_untouched_model_before_and_reports_forgetting(tiny_c
                    "eval.harness.limit=8", "export=false", "optimizer.lr=3e-3")
     summary = fit(cfg)
 
-    before, after = summary["harness/tiny_dates_ll/perplexity_before"], summary["harness/tiny_dates_ll/perplexity_after"]
+    before = summary["harness/tiny_dates_ll/perplexity_before"]
+    after = summary["harness/tiny_dates_ll/perplexity_after"]
     assert before != after
     assert summary["forgetting/tiny_dates_ll/perplexity"] == pytest.approx(before - after)
     # "before" is the untouched model: the same task on a freshly built model gives the same number.
