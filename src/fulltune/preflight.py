@@ -62,7 +62,15 @@ def check_override_keys(overrides: list[str]) -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """Seconds-long checks before data or weights load."""
+    import importlib.util
+
     import torch
+
+    if cfg.eval.get("harness") and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            "eval=harness needs lm-eval-harness, which is not installed: `pip install 'fulltune[eval]'`, "
+            "or drop it with eval=default."
+        )
 
     precision = cfg.precision.value
     if precision.startswith("16") and not torch.cuda.is_available():
