@@ -1,0 +1,176 @@
+"""GPU checks: the memory plan against `torch.cuda.max_memory_allocated`, throughput and MFU per precision,
+and the default job's wall time on a GPU.
+
+    python bench/gpu.py                       # on a CUDA machine; prints markdown for docs/benchmarks.md
+    python bench/gpu.py --device cpu --quick  # the same steps on CPU, to check the script (no memory column)
+
+Each memory case runs in a fresh process (a clean peak), builds the architecture from conf/model/ with
+random weights (memory and speed do not depend on the values), and takes AdamW steps in Lightning's order
+(forward, zero_grad, backward, step). Planned = `build_memory_plan(...)` without its fixed CUDA overhead,
+i.e. what the plan says tensors need; measured = peak allocated minus what was allocated before the model.
+MFU counts 6·N FLOPs per token (attention FLOPs left out, so it slightly understates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, SXM parts
+CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len)
+    ("smollm2_135m", "32-true", False, 4, 1024),
+    ("smollm2_135m", "bf16-mixed", False, 4, 1024),
+    ("smollm2_135m", "bf16-mixed", True, 4, 1024),
+    ("smollm2_135m", "bf16-true", False, 4, 1024),
+    ("qwen2_5_0_5b", "bf16-mixed", False, 4, 1024),
+    ("qwen2_5_0_5b", "bf16-mixed", True, 4, 1024),
+    ("qwen2_5_0_5b", "bf16-true", True, 8, 2048),
+]
+JOBS = {  # the default job as users run it, then in bf16 mixed precision
+    "default (fp32)": [],
+    "default, bf16-mixed": ["precision=bf16_mixed"],
+}
+
+
+def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, device: str, steps: int) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from fulltune.memory import build_memory_plan, count_params
+    from fulltune.models import architecture_config
+
+    torch.manual_seed(0)
+    config = architecture_config(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml"))
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = torch.cuda.memory_allocated() if cuda else 0
+    with torch.device(device):
+        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
+    if checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = net(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    plan = build_memory_plan(config, precision=precision, strategy="auto", world_size=1, micro_batch_size=batch,
+                             seq_len=seq_len, gradient_checkpointing=checkpointing)
+    step_s = statistics.median(times[2:] or times)
+    tokens_per_s = batch * seq_len / step_s
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    return {
+        "model": model, "precision": precision, "checkpointing": checkpointing, "batch": batch, "seq_len": seq_len,
+        "planned_bytes": plan.total - plan.overhead,
+        "measured_bytes": torch.cuda.max_memory_allocated() - base if cuda else None,
+        "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "mfu": 6 * count_params(net)[0] * tokens_per_s / peak_flops if peak_flops else None,
+    }
+
+
+def run_case(case: tuple, device: str, steps: int) -> dict:
+    """One case in a fresh interpreter, so its peak is its own; an OOM is a row, not the end."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import gpu, json; " \
+           f"print(json.dumps(gpu.measure(*{case!r}, {device!r}, {steps})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        error = "OOM" if "OutOfMemoryError" in out.stderr else out.stderr.strip().splitlines()[-1]
+        return dict(zip(("model", "precision", "checkpointing", "batch", "seq_len"), case, strict=False), error=error)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def run_job(name: str, overrides: list[str], extra: list[str]) -> dict:
+    """`python train.py` as a user runs it; wall time includes start-up, data and the before/after evals."""
+    run_name = "gpu_bench_" + "".join(c if c.isalnum() else "_" for c in name)
+    start = time.time()
+    out = subprocess.run([sys.executable, "train.py", f"run_name={run_name}", *overrides, *extra],
+                         capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - start
+    if out.returncode:
+        return {"job": name, "error": out.stderr.strip().splitlines()[-1]}
+    summary = json.loads(max(ROOT.glob(f"outputs/runs/*/*_{run_name}/summary.json"), key=lambda p: p.stat().st_mtime)
+                         .read_text())
+    keys = ("task/loss_before", "task/loss_after", "task/accuracy_before", "task/accuracy_after",
+            "forgetting/general", "peak_memory_bytes", "tokens_per_s")
+    return {"job": name, "wall_s": round(wall, 1), "fit_s": summary["wall_time_s"], **{k: summary[k] for k in keys}}
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(cases: list[dict], jobs: list[dict]) -> str:
+    gib = 2**30
+    rows = [
+        "| model | precision | ckpt | batch × seq | planned GiB | measured GiB | measured/planned | tokens/s | MFU |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        ckpt = "on" if c["checkpointing"] else "off"
+        head = f"| {c['model']} | {c['precision']} | {ckpt} | {c['batch']} × {c['seq_len']}"
+        if "error" in c:
+            rows.append(f"{head} | | {c['error']} | | | |")
+            continue
+        planned, measured = c["planned_bytes"], c["measured_bytes"]
+        cells = [planned / gib, measured and measured / gib, measured and measured / planned, c["tokens_per_s"]]
+        specs = [".2f", ".2f", ".2f", ",.0f"]
+        rows.append(" | ".join([head, *map(_cell, cells, specs), _cell(c["mfu"], ".1%")]) + " |")
+    rows += [
+        "",
+        "| job | wall s | fit s | task loss before → after | accuracy before → after | forgetting | peak GiB |",
+        "|---|---:|---:|---|---|---:|---:|",
+    ]
+    for j in jobs:
+        if "error" in j:
+            rows.append(f"| {j['job']} | {j['error']} | | | | | |")
+            continue
+        rows.append(f"| {j['job']} | {j['wall_s']} | {j['fit_s']} | {j['task/loss_before']:.3f} → "
+                    f"{j['task/loss_after']:.3f} | {j['task/accuracy_before']:.1%} → {j['task/accuracy_after']:.1%} "
+                    f"| {j['forgetting/general']:+.3f} | {j['peak_memory_bytes'] / gib:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="one small case and model=tiny jobs (script check)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or `--device cpu --quick` to check the script")
+    cases = [("smollm2_135m", "32-true", False, 1, 128)] if args.quick else CASES
+    extra = ["model=tiny", "trainer.max_steps=3"] if args.quick else []
+    results = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "cases": [run_case(case, args.device, args.steps) for case in cases],
+        "jobs": [run_job(name, overrides, extra) for name, overrides in JOBS.items()
+                 if args.device == "cuda" or not overrides],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"{results['device']}, torch {results['torch']}, {results['date']}\n")
+    print(markdown(results["cases"], results["jobs"]))
+
+
+if __name__ == "__main__":
+    main()
