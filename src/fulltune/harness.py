@@ -41,6 +41,7 @@ class HarnessEvaluation(L.Callback):
         out = lm_eval.simple_evaluate(
             model=lm, tasks=self.tasks, task_manager=TaskManager(include_path=self.include_path),
             limit=self.limit, num_fewshot=self.num_fewshot, log_samples=False,
+            bootstrap_iters=0,  # no stderrs: their bootstrap forks a Pool, which can hang in a threaded trainer
         )
         model.train(was_training)
         return {
