@@ -163,7 +163,8 @@ def plot_loss_curves(runs: list[Run], path: Path) -> Path | None:
     keys = [k for k in LOSS_KEYS if any(k in r.history for r in runs)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False, sharex=True,
+                             layout="constrained")
     for ax, key in zip(axes[0], keys, strict=True):
         for run, label, style in zip(runs, run_labels(runs), run_styles(runs), strict=True):
             if key in run.history:
@@ -174,11 +175,7 @@ def plot_loss_curves(runs: list[Run], path: Path) -> Path | None:
         ax.set_ylabel(f"{key} (nats/token)")
         ax.set_title(f"{key} by method")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_legend(fig, path)
 
 
 def plot_task_vs_forgetting(runs: list[Run], path: Path, task_metric: str = DEFAULT_TASK_METRIC) -> Path | None:
@@ -192,7 +189,7 @@ def plot_task_vs_forgetting(runs: list[Run], path: Path, task_metric: str = DEFA
     sets = forgetting_sets([r.summary for r, _, _ in done])
     if not sets:
         return None
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.8), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], sets, strict=True):
         for run, label, style in done:
             ax.scatter(run.summary[f"forgetting/{name}"], run.summary[task_metric], s=70, label=label, zorder=3,
@@ -207,9 +204,21 @@ def plot_task_vs_forgetting(runs: list[Run], path: Path, task_metric: str = DEFA
         better = "down-left" if "loss" in task_metric else "up-left"
         ax.set_title(f"task vs forgetting ({name}): {better} is better", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return _save_with_legend(fig, path)
+
+
+def _save_with_legend(fig, path: Path) -> Path:
+    """One legend for all panels, below them, so it never hides a point or a curve; then the PNG."""
+    import matplotlib.pyplot as plt
+
+    handles: dict = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    columns = min(len(handles), 3 if len(fig.axes) > 1 else 2)
+    fig.set_figheight(fig.get_figheight() + 0.22 * -(-len(handles) // columns))  # room for the legend's rows
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns, fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend wider than one panel stays whole
     plt.close(fig)
     return path
 
