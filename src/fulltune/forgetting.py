@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from fulltune.atomic import write_text
 from fulltune.evaluate import mean_token_loss
 from fulltune.preflight import ConfigError
 
@@ -55,11 +54,7 @@ def python_docs_file(directory: Path, rows: int) -> Path:
     if len(paragraphs) < rows:
         raise ConfigError(f"builtin set python_docs: rows={rows}, but this Python has {len(paragraphs)} paragraphs")
     picked = paragraphs[:: len(paragraphs) // rows][:rows]
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps({"text": text}) + "\n" for text in picked)
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in picked))
     return path
 
 
@@ -152,11 +147,8 @@ class ForgettingEvaluation(L.Callback):
             return float(cached)
         loss = mean_token_loss(module, loader)
         if trainer.is_global_zero and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"model": module.spec.name, "set": name, "spec": self.sets[name], "loss": loss}, f)
-            os.replace(tmp, path)
+            record = {"model": module.spec.name, "set": name, "spec": self.sets[name], "loss": loss}
+            write_text(path, json.dumps(record))
         return loss
 
     def measure(self, module: L.LightningModule) -> dict[str, float]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from fulltune.atomic import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ def _convert_gguf(spec: DictConfig, target: Path) -> None:
     config = loaded.config.__class__(**fields)
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    with publish_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def resolve_weights(spec: DictConfig) -> str:
@@ -103,7 +102,6 @@ def resolve_weights(spec: DictConfig) -> str:
             log.info("hub download of %s failed (%s); trying the GGUF fallback", pretrained, type(err).__name__)
     gguf = _gguf_path(spec)
     if gguf is not None and gguf.is_file():
-        converted.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(spec, converted)
         return str(converted)
     raise ModelSpecError(
@@ -164,13 +162,8 @@ def _train_tiny_tokenizer(target: Path, vocab_size: int) -> None:
         pad_token="<|im_end|>", unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML_TEMPLATE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    fast.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another rank finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publish_dir(target) as tmp:
+        fast.save_pretrained(tmp)
 
 
 def load_tokenizer(spec: DictConfig):

@@ -13,9 +13,7 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from fulltune.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,6 @@ def markdown_table(header: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Jobs of a parallel launcher may rewrite the summary at once: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
     """Write `summary.csv` (every column) and `summary.md` (what a reader compares) in `sweep_dir`."""
     sweep_dir = Path(sweep_dir)
@@ -137,7 +129,7 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
     writer.writeheader()
     writer.writerows(rows)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    _write_atomic(csv_path, buffer.getvalue())
+    write_text(csv_path, buffer.getvalue())  # parallel jobs may rewrite it at once
 
     shown = [h for h in header if h not in ("overrides", "dir", "error")]
     varied = set(varying_keys([j.override_dict for j in jobs]))
@@ -151,7 +143,7 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path]:
     failed = [j for j in jobs if j.status == "failed"]
     if failed:
         parts += ["## Failed jobs", "", *(f"- job {j.num} (`{j.dir.name}`): {j.error}" for j in failed), ""]
-    _write_atomic(md_path, "\n".join(parts))
+    write_text(md_path, "\n".join(parts))
     return csv_path, md_path
 
 

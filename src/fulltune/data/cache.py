@@ -12,14 +12,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fulltune.atomic import publish_dir
 
 from .formats import Renderer, encode_batch
 
@@ -146,13 +146,8 @@ def build_store(target: Path, rows: list[dict], renderer: Renderer, tokenizer: A
     arrays = {"tokens": tokens[keep_token], "mask": mask[keep_token],
               "offsets": np.concatenate([[0], np.cumsum(cut[index])]).astype(np.int64),
               "completion_start": np.minimum(starts[index], cut[index]).astype(np.int32)}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array)
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another rank wrote the same store first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publish_dir(target) as tmp:  # another rank may write the same store at once: first one wins
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return TokenStore.open(target)

@@ -13,9 +13,10 @@ import datetime as dt
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from fulltune.atomic import write_text
 
 VERSION = 2  # bump when the generated content changes, so old copies are regenerated
 SIZES = {"dates": (2000, 100), "dates_chat": (400, 50), "reviews": (400, 50), "prose": (2000, 100)}
@@ -184,11 +185,7 @@ GENERATORS: dict[str, Callable[[int, int, int], tuple[list[dict], list[dict]]]] 
 
 def _write_jsonl(path: Path, rows: Iterator[dict] | list[dict]) -> None:
     """Write atomically: ranks generating at once never read a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def ensure_demo_data(root: str | os.PathLike) -> Path:
