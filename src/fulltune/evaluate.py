@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -37,14 +51,11 @@ def mean_token_loss(module: L.LightningModule, loader) -> float:
     Every rank walks the whole loader, so sharded models (FSDP2) see the same batches on all ranks
     and the value is exact and identical everywhere, with no sampler padding.
     """
-    model = module.model
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=module.device)
-    for batch in loader:
-        loss_sum, n_tokens = module.token_loss_sum(module.transfer_batch_to_device(batch, module.device, 0))
-        totals += torch.stack([loss_sum.double(), n_tokens.double()])
-    model.train(was_training)
+    with eval_mode(module.model):
+        for batch in loader:
+            loss_sum, n_tokens = module.token_loss_sum(module.transfer_batch_to_device(batch, module.device, 0))
+            totals += torch.stack([loss_sum.double(), n_tokens.double()])
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -53,49 +64,68 @@ def exact_match(predictions: list[str], answers: list[str]) -> float:
     return sum(p.strip() == a.strip() for p, a in zip(predictions, answers, strict=False)) / max(len(answers), 1)
 
 
-class TaskEvaluation(L.Callback):
-    """Measures the task before the first step and after the last: loss on the task validation set
-    and exact-match accuracy of greedy generation. Results land in `results` and summary.json."""
+class BeforeAfterEvaluation(L.Callback):
+    """Scores the untouched model before the first step and the trained one after the last:
+    `<prefix>/<metric>_before|_after` (plus what `derived` adds) in `results`, every logger and
+    summary.json. `results` travel in checkpoints, so a resumed run keeps its first measurement."""
 
-    def __init__(self, num_examples: int = 64, max_new_tokens: int = 16, batch_size: int = 32) -> None:
-        self.num_examples = num_examples
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+    prefix: str
+
+    def __init__(self) -> None:
         self.results: dict[str, float] = {}
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
-        datamodule = trainer.datamodule
-        loss = mean_token_loss(module, datamodule.val_dataloader()[0])
-        model = module.model
-        was_training = model.training
-        model.eval()
-        examples = datamodule.generation_examples(self.num_examples)
-        predictions = greedy_completions(
-            model, datamodule.tokenizer, [e["prompt_ids"] for e in examples], self.max_new_tokens, self.batch_size,
-            datamodule.stop_token_ids,
-        )
-        model.train(was_training)
-        answers = [e["answer"] for e in examples]
-        self.last_predictions = list(zip(predictions, answers, strict=False))
-        return {"loss": loss, "accuracy": exact_match(predictions, answers)}
+        raise NotImplementedError
+
+    def derived(self, after: dict[str, float]) -> dict[str, float]:
+        """Results computed from the before and after scores (none by default)."""
+        return {}
+
+    def describe(self, after: dict[str, float]) -> str:
+        raise NotImplementedError
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.fit_loop.epoch_loop.global_step == 0:  # a resumed run keeps its first measurement
-            self.results.update({f"task/{k}_before": v for k, v in self.evaluate(trainer, module).items()})
+        if trainer.global_step == 0:
+            self.results.update({f"{self.prefix}/{k}_before": v for k, v in self.evaluate(trainer, module).items()})
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.results.update({f"task/{k}_after": v for k, v in self.evaluate(trainer, module).items()})
+        after = self.evaluate(trainer, module)
+        self.results.update({f"{self.prefix}/{k}_after": v for k, v in after.items()})
+        self.results.update(self.derived(after))
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)
-        rank_zero_info(
-            "task {:>8} {:>8}\n  loss {loss_before:8.4f} {loss_after:8.4f}\n  acc  {accuracy_before:8.1%} "
-            "{accuracy_after:8.1%}".format(
-                "before", "after", **{k.split("/")[1]: v for k, v in self.results.items()}
-            )
-        )
+        rank_zero_info(self.describe(after))
 
     def state_dict(self) -> dict:
         return {"results": self.results}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.results = dict(state_dict["results"])
+
+
+class TaskEvaluation(BeforeAfterEvaluation):
+    """The fine-tuning task before and after: loss on the task validation set and exact-match
+    accuracy of greedy generation."""
+
+    prefix = "task"
+
+    def __init__(self, num_examples: int = 64, max_new_tokens: int = 16, batch_size: int = 32) -> None:
+        super().__init__()
+        self.num_examples = num_examples
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        datamodule = trainer.datamodule
+        loss = mean_token_loss(module, datamodule.val_dataloader()[0])
+        examples = datamodule.generation_examples(self.num_examples)
+        with eval_mode(module.model) as model:
+            predictions = greedy_completions(
+                model, datamodule.tokenizer, [e["prompt_ids"] for e in examples], self.max_new_tokens,
+                self.batch_size, datamodule.stop_token_ids,
+            )
+        return {"loss": loss, "accuracy": exact_match(predictions, [e["answer"] for e in examples])}
+
+    def describe(self, after: dict[str, float]) -> str:
+        return "task {:>8} {:>8}\n  loss {loss_before:8.4f} {loss_after:8.4f}\n  acc  {accuracy_before:8.1%} " \
+            "{accuracy_after:8.1%}".format("before", "after", **{k.split("/")[1]: v for k, v in self.results.items()})

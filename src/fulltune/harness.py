@@ -8,42 +8,42 @@ any lm-eval task: the harness's own (online) or local YAML task definitions over
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+
+from fulltune.evaluate import BeforeAfterEvaluation, eval_mode
 
 
-class HarnessEvaluation(L.Callback):
+class HarnessEvaluation(BeforeAfterEvaluation):
     """Scores `tasks` on the untouched model before the first step and on the trained one after the
     last. Results: `harness/<task>/<metric>_before|_after` and `forgetting/<task>/<metric>` =
     before − after, i.e. Perf_pre − Perf_ft: > 0 means lost ground for higher-is-better metrics
     (acc, exact_match); for perplexity-like metrics the sign is the other way round."""
 
+    prefix = "harness"
+
     def __init__(
         self, tasks: list[str], include_path: str | None = None, limit: int | None = None,
         num_fewshot: int | None = None, batch_size: int = 8,
     ) -> None:
+        super().__init__()
         self.tasks = list(tasks)
         self.include_path = include_path
         self.limit = limit
         self.num_fewshot = num_fewshot
         self.batch_size = batch_size
-        self.results: dict[str, float] = {}
 
-    def evaluate(self, module: L.LightningModule) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         """`{"<task>/<metric>": value}` for every numeric metric lm-eval reports (stderrs left out)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        model = module.model
-        was_training = model.training
-        model.eval()
-        lm = HFLM(pretrained=model, tokenizer=module.trainer.datamodule.tokenizer, batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=self.tasks, task_manager=TaskManager(include_path=self.include_path),
-            limit=self.limit, num_fewshot=self.num_fewshot, log_samples=False,
-            bootstrap_iters=0,  # no stderrs: their bootstrap forks a Pool, which can hang in a threaded trainer
-        )
-        model.train(was_training)
+        with eval_mode(module.model) as model:
+            lm = HFLM(pretrained=model, tokenizer=trainer.datamodule.tokenizer, batch_size=self.batch_size)
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=self.tasks, task_manager=TaskManager(include_path=self.include_path),
+                limit=self.limit, num_fewshot=self.num_fewshot, log_samples=False,
+                bootstrap_iters=0,  # no stderrs: their bootstrap forks a Pool, which can hang in a threaded trainer
+            )
         return {
             f"{task}/{metric.split(',')[0]}": float(value)
             for task, metrics in out["results"].items()
@@ -51,21 +51,8 @@ class HarnessEvaluation(L.Callback):
             if isinstance(value, int | float) and "stderr" not in metric
         }
 
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run keeps its first measurement
-            self.results.update({f"harness/{k}_before": v for k, v in self.evaluate(module).items()})
+    def derived(self, after: dict[str, float]) -> dict[str, float]:
+        return {f"forgetting/{k}": self.results[f"harness/{k}_before"] - v for k, v in after.items()}
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        after = self.evaluate(module)
-        self.results.update({f"harness/{k}_after": v for k, v in after.items()})
-        self.results.update({f"forgetting/{k}": self.results[f"harness/{k}_before"] - v for k, v in after.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(self.results, step=trainer.global_step)
-        for key, value in after.items():
-            rank_zero_info(f"harness {key}: {self.results[f'harness/{key}_before']:.4f} -> {value:.4f}")
-
-    def state_dict(self) -> dict:
-        return {"results": self.results}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.results = dict(state_dict["results"])
+    def describe(self, after: dict[str, float]) -> str:
+        return "\n".join(f"harness {k}: {self.results[f'harness/{k}_before']:.4f} -> {v:.4f}" for k, v in after.items())

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fulltune.evaluate import eval_mode
 from fulltune.preflight import ConfigError
 
 
@@ -123,27 +124,25 @@ def diagonal_fisher(module: L.LightningModule, dataloader: Iterable, num_samples
     model = module.model
     params = trainable_parameters(model)
     sums = {name: torch.zeros_like(_local(p), dtype=torch.float32) for name, p in params}
-    was_training = model.training
-    model.eval()
-    rows = (row for batch in dataloader
-            for row in batch_rows(module.transfer_batch_to_device(batch, module.device, 0)))
-    seen = 0
-    for row in rows:
+    with eval_mode(model):
+        rows = (row for batch in dataloader
+                for row in batch_rows(module.transfer_batch_to_device(batch, module.device, 0)))
+        seen = 0
+        for row in rows:
+            for _, p in params:
+                p.grad = None
+            loss_sum, n_tokens = module.token_loss_sum(row)
+            if n_tokens == 0:
+                continue
+            (loss_sum / n_tokens).backward()
+            for name, p in params:
+                if p.grad is not None:  # None: the parameter took no part in this row
+                    sums[name] += _local(p.grad).float().square()
+            seen += 1
+            if seen == num_samples:
+                break
         for _, p in params:
             p.grad = None
-        loss_sum, n_tokens = module.token_loss_sum(row)
-        if n_tokens == 0:
-            continue
-        (loss_sum / n_tokens).backward()
-        for name, p in params:
-            if p.grad is not None:  # None: the parameter took no part in this row
-                sums[name] += _local(p.grad).float().square()
-        seen += 1
-        if seen == num_samples:
-            break
-    for _, p in params:
-        p.grad = None
-    model.train(was_training)
     if seen == 0:
         raise ValueError("regularizer=ewc: the Fisher data has no label tokens")
     if seen < num_samples:
