@@ -167,14 +167,18 @@ class FineTuneDataModule(L.LightningDataModule):
                           "max_length": self.max_length, "overlong": self.overlong,
                           "train_on_prompt": self.train_on_prompt, "on_bad_row": self.on_bad_row})
 
-    def _load_stores(self) -> dict[tuple[str, int, str], TokenStore]:
-        """Open cached stores; for the missing ones, validate all their rows first, then tokenize."""
-        if self._stores is not None:
-            return self._stores
+    def _ensure_demo_data(self) -> None:
+        """Generate the demo files the sources point at (`demo_dir`), once, before any is read."""
         if self.demo_dir:
             from .demo import ensure_demo_data
 
             ensure_demo_data(self.demo_dir)
+
+    def _load_stores(self) -> dict[tuple[str, int, str], TokenStore]:
+        """Open cached stores; for the missing ones, validate all their rows first, then tokenize."""
+        if self._stores is not None:
+            return self._stores
+        self._ensure_demo_data()
         fp = tokenizer_fingerprint(self.tokenizer)
         stores, missing = {}, []
         for unit in self._units():
@@ -201,10 +205,7 @@ class FineTuneDataModule(L.LightningDataModule):
     def validate(self) -> dict[str, int]:
         """Read and check every row of every source (no tokenizing): rows per source split.
         Raises DataError on the first bad source (with on_bad_row=stop)."""
-        if self.demo_dir:
-            from .demo import ensure_demo_data
-
-            ensure_demo_data(self.demo_dir)
+        self._ensure_demo_data()
         counts = {}
         for group, i, split in self._units():
             source = self.sources[group][i]
