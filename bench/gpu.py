@@ -1,14 +1,18 @@
-"""GPU checks: the memory plan against `torch.cuda.max_memory_allocated`, throughput and MFU per precision,
-and the default job's wall time on a GPU.
+"""GPU checks (issue 10 item 9), one command, a few minutes on one GPU:
 
     python bench/gpu.py                       # on a CUDA machine; prints markdown for docs/benchmarks.md
     python bench/gpu.py --device cpu --quick  # the same steps on CPU, to check the script (no memory column)
 
-Each memory case runs in a fresh process (a clean peak), builds the architecture from conf/model/ with
-random weights (memory and speed do not depend on the values), and takes AdamW steps in Lightning's order
-(forward, zero_grad, backward, step). Planned = `build_memory_plan(...)` without its fixed CUDA overhead,
-i.e. what the plan says tensors need; measured = peak allocated minus what was allocated before the model.
-MFU counts 6·N FLOPs per token (attention FLOPs left out, so it slightly understates).
+- memory cases: the plan against `torch.cuda.max_memory_allocated`, and the chunked label-position
+  loss against the full-logits loss it replaced, with tokens/s and MFU. Each case runs in a fresh
+  process (a clean peak), builds CausalLMModule from conf/model/ with random weights (memory and
+  speed do not depend on the values) in its training dtype (bf16-true: bf16 from the start), and
+  takes AdamW steps in Lightning's order (forward, zero_grad, backward, step). Planned =
+  `build_memory_plan(...)` without its fixed CUDA overhead; measured = peak allocated minus what
+  was allocated before the model. MFU counts 6·N FLOPs per token (attention left out: it understates).
+- jobs: the default job as users run it (auto devices and precision: config.yaml must say
+  bf16-mixed + TF32 on sm80+), the same in fp32, and the memory gate against `mem_get_info`
+  (`model=llama2_70b model.source=config` must stop in seconds with the plan).
 """
 
 from __future__ import annotations
@@ -24,59 +28,73 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, SXM parts
-CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len)
-    ("smollm2_135m", "32-true", False, 4, 1024),
-    ("smollm2_135m", "bf16-mixed", False, 4, 1024),
-    ("smollm2_135m", "bf16-mixed", True, 4, 1024),
-    ("smollm2_135m", "bf16-true", False, 4, 1024),
-    ("qwen2_5_0_5b", "bf16-mixed", False, 4, 1024),
-    ("qwen2_5_0_5b", "bf16-mixed", True, 4, 1024),
-    ("qwen2_5_0_5b", "bf16-true", True, 8, 2048),
+CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len, loss)
+    ("smollm2_135m", "32-true", False, 4, 1024, "chunked"),
+    ("smollm2_135m", "bf16-mixed", False, 4, 1024, "chunked"),
+    ("smollm2_135m", "bf16-mixed", False, 4, 1024, "full"),
+    ("smollm2_135m", "bf16-true", False, 4, 1024, "chunked"),
+    ("qwen2_5_0_5b", "bf16-mixed", True, 4, 2048, "chunked"),
+    ("qwen2_5_0_5b", "bf16-mixed", True, 4, 2048, "full"),
+    ("qwen2_5_0_5b", "bf16-true", True, 8, 2048, "chunked"),
+    ("qwen2_5_0_5b", "32-true", False, 2, 2048, "chunked"),
 ]
-JOBS = {  # the default job as users run it, then in bf16 mixed precision
-    "default (fp32)": [],
-    "default, bf16-mixed": ["precision=bf16_mixed"],
+JOBS = {  # the default job as users run it (auto precision), in fp32, and the memory gate
+    "default (auto)": [],
+    "default, fp32": ["precision=fp32"],
+    "gate: llama2_70b": ["model=llama2_70b", "model.source=config"],
 }
 
 
-def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, device: str, steps: int) -> dict:
+def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, loss: str, device: str,
+            steps: int) -> dict:
     import torch
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
+    from hydra import compose, initialize_config_dir
 
+    from fulltune.launch import plan_settings
     from fulltune.memory import build_memory_plan, count_params
-    from fulltune.models import architecture_config
+    from fulltune.module import CausalLMModule
 
     torch.manual_seed(0)
-    config = architecture_config(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml"))
+    overrides = [f"model={model}", "model.source=config", f"model.gradient_checkpointing={checkpointing}",
+                 f"data.batch_size={batch}", f"data.max_length={seq_len}", "trainer.devices=1",
+                 f"model.loss_chunk_tokens={1024 if loss == 'chunked' else 0}"]  # 0: the full-logits loss
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    cfg.precision.value = precision
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = torch.cuda.memory_allocated() if cuda else 0
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # what Lightning's precision plugin does around configure_model
     with torch.device(device):
-        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-        net = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
-    if checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = CausalLMModule(model=cfg.model, optimizer=None)
+        module.configure_model()
+    torch.set_default_dtype(default_dtype)
+    net = module.model.to(device).train()
+    assert next(net.parameters()).dtype == dtype
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+    ids = torch.randint(0, cfg.model.config.vocab_size, (batch, seq_len), device=device)
+    batch_ = {"input_ids": ids, "labels": ids}
     times = []
     for _ in range(steps):
         sync()
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss = net(input_ids=ids, labels=ids).loss
+            loss_sum = module.token_loss_sum(batch_)[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum.backward()
         optimizer.step()
         sync()
         times.append(time.perf_counter() - start)
-    plan = build_memory_plan(config, precision=precision, strategy="auto", world_size=1, micro_batch_size=batch,
-                             seq_len=seq_len, gradient_checkpointing=checkpointing)
+    arch, settings = plan_settings(cfg)
+    plan = build_memory_plan(arch, **{**settings, "device": device})
     step_s = statistics.median(times[2:] or times)
     tokens_per_s = batch * seq_len / step_s
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
     return {
         "model": model, "precision": precision, "checkpointing": checkpointing, "batch": batch, "seq_len": seq_len,
+        "loss": loss,
         "planned_bytes": plan.total - plan.overhead,
         "measured_bytes": torch.cuda.max_memory_allocated() - base if cuda else None,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
@@ -91,24 +109,30 @@ def run_case(case: tuple, device: str, steps: int) -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         error = "OOM" if "OutOfMemoryError" in out.stderr else out.stderr.strip().splitlines()[-1]
-        return dict(zip(("model", "precision", "checkpointing", "batch", "seq_len"), case, strict=False), error=error)
+        return dict(zip(("model", "precision", "checkpointing", "batch", "seq_len", "loss"), case, strict=False),
+                    error=error)
     return json.loads(out.stdout.splitlines()[-1])
 
 
 def run_job(name: str, overrides: list[str], extra: list[str]) -> dict:
-    """`python train.py` as a user runs it; wall time includes start-up, data and the before/after evals."""
+    """`python train.py` as a user runs it; wall time includes start-up, data and the before/after evals.
+    A job that the memory gate stops is a row with the gate's verdict line."""
     run_name = "gpu_bench_" + "".join(c if c.isalnum() else "_" for c in name)
     start = time.time()
-    out = subprocess.run([sys.executable, "train.py", f"run_name={run_name}", *overrides, *extra],
+    out = subprocess.run([sys.executable, "train.py", f"run_name={run_name}", *extra, *overrides],
                          capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - start
     if out.returncode:
-        return {"job": name, "error": out.stderr.strip().splitlines()[-1]}
-    summary = json.loads(max(ROOT.glob(f"outputs/runs/*/*_{run_name}/summary.json"), key=lambda p: p.stat().st_mtime)
-                         .read_text())
+        gate = [line.strip() for line in out.stderr.splitlines() if "usable)" in line]
+        error = gate[0] if gate else out.stderr.strip().splitlines()[-1]
+        return {"job": name, "wall_s": round(wall, 1), "error": error}
+    run_dir = max(ROOT.glob(f"outputs/runs/*/*_{run_name}"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    resolved = (run_dir / "config.yaml").read_text()
     keys = ("task/loss_before", "task/loss_after", "task/accuracy_before", "task/accuracy_after",
-            "forgetting/general", "peak_memory_bytes", "tokens_per_s")
-    return {"job": name, "wall_s": round(wall, 1), "fit_s": summary["wall_time_s"], **{k: summary[k] for k in keys}}
+            "forgetting/general", "peak_memory_bytes", "memory_plan_bytes", "tokens_per_s", "precision")
+    return {"job": name, "wall_s": round(wall, 1), "fit_s": summary["wall_time_s"],
+            "tf32": "tf32: true" in resolved, **{k: summary.get(k) for k in keys}}
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -118,12 +142,13 @@ def _cell(value: float | None, spec: str) -> str:
 def markdown(cases: list[dict], jobs: list[dict]) -> str:
     gib = 2**30
     rows = [
-        "| model | precision | ckpt | batch × seq | planned GiB | measured GiB | measured/planned | tokens/s | MFU |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | precision | ckpt | batch × seq | loss | planned GiB | measured GiB | measured/planned | tokens/s "
+        "| MFU |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         ckpt = "on" if c["checkpointing"] else "off"
-        head = f"| {c['model']} | {c['precision']} | {ckpt} | {c['batch']} × {c['seq_len']}"
+        head = f"| {c['model']} | {c['precision']} | {ckpt} | {c['batch']} × {c['seq_len']} | {c['loss']}"
         if "error" in c:
             rows.append(f"{head} | | {c['error']} | | | |")
             continue
@@ -133,16 +158,19 @@ def markdown(cases: list[dict], jobs: list[dict]) -> str:
         rows.append(" | ".join([head, *map(_cell, cells, specs), _cell(c["mfu"], ".1%")]) + " |")
     rows += [
         "",
-        "| job | wall s | fit s | task loss before → after | accuracy before → after | forgetting | peak GiB |",
-        "|---|---:|---:|---|---|---:|---:|",
+        "| job | precision (tf32) | wall s | fit s | task loss before → after | accuracy before → after "
+        "| forgetting | peak GiB | plan GiB |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for j in jobs:
         if "error" in j:
-            rows.append(f"| {j['job']} | {j['error']} | | | | | |")
+            rows.append(f"| {j['job']} | | {j['wall_s']} | | {j['error']} | | | | |")
             continue
-        rows.append(f"| {j['job']} | {j['wall_s']} | {j['fit_s']} | {j['task/loss_before']:.3f} → "
-                    f"{j['task/loss_after']:.3f} | {j['task/accuracy_before']:.1%} → {j['task/accuracy_after']:.1%} "
-                    f"| {j['forgetting/general']:+.3f} | {j['peak_memory_bytes'] / gib:.2f} |")
+        plan = j["memory_plan_bytes"]
+        rows.append(f"| {j['job']} | {j['precision']} ({j['tf32']}) | {j['wall_s']} | {j['fit_s']} | "
+                    f"{j['task/loss_before']:.3f} → {j['task/loss_after']:.3f} | {j['task/accuracy_before']:.1%} → "
+                    f"{j['task/accuracy_after']:.1%} | {j['forgetting/general']:+.3f} | "
+                    f"{j['peak_memory_bytes'] / gib:.2f} | {_cell(plan and plan / gib, '.2f')} |")
     return "\n".join(rows)
 
 
@@ -157,14 +185,14 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or `--device cpu --quick` to check the script")
-    cases = [("smollm2_135m", "32-true", False, 1, 128)] if args.quick else CASES
+    cases = [("smollm2_135m", "32-true", False, 1, 128, "chunked"), ("smollm2_135m", "32-true", False, 1, 128, "full")
+             ] if args.quick else CASES
     extra = ["model=tiny", "trainer.max_steps=3"] if args.quick else []
     results = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "cases": [run_case(case, args.device, args.steps) for case in cases],
-        "jobs": [run_job(name, overrides, extra) for name, overrides in JOBS.items()
-                 if args.device == "cuda" or not overrides],
+        "jobs": [run_job(name, overrides, extra) for name, overrides in JOBS.items()],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -10,7 +10,9 @@ import torch
 from hydra.utils import instantiate
 
 from fulltune.finetune import apply_finetune
+from fulltune.launch import resolve_hardware
 from fulltune.models import build_model, load_tokenizer
+from fulltune.optim import optimizer_for_precision
 from fulltune.preflight import CONF_DIR, ConfigError, check_override_keys
 
 from .conftest import REPO, compose_config
@@ -42,9 +44,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path, cache_dir):
         model = apply_finetune(build_model(compose_config(["model=tiny"], tmp_path, cache_dir).model), cfg.finetune)
         assert any(p.requires_grad for p in model.parameters())
     elif group in ("optimizer", "scheduler"):
-        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
+        optimizer = optimizer_for_precision(cfg.optimizer, "32-true", "auto")([torch.nn.Parameter(torch.zeros(2, 2))])
         instantiate(cfg.scheduler)(optimizer, 10).step()
     elif group == "precision":
+        resolve_hardware(cfg)  # `auto` becomes a concrete choice
         assert cfg.precision.value in {"32-true", "bf16-mixed", "16-mixed", "bf16-true"}
     elif group in ("logger", "callbacks"):
         assert all(instantiate(node) is not None for node in cfg[group].values())

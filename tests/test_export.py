@@ -1,4 +1,5 @@
-"""`python -m fulltune.export <checkpoint>`: every checkpoint a run writes becomes an HF dir that
+"""The end-of-run export (weights only, from the live model, in the training dtype) and
+`python -m fulltune.export <checkpoint>`: every checkpoint a run writes becomes an HF dir that
 `from_pretrained` loads, holding the trained weights, without ever holding more than one shard."""
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fulltune.export import checkpoint_format, main, write_hf_dir
+from fulltune.export import checkpoint_format, export_dtype, main, write_hf_dir
+from fulltune.preflight import ConfigError
+from fulltune.train import fit
 
 from .conftest import REPO
 from .strategy_runs import hf_weights, max_abs_diff, strategy_run, subprocess_env
@@ -59,6 +62,43 @@ def test_last_checkpoint_exports_the_trained_weights(strategy, kind, run, capsys
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").is_file()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
+def test_sharded_runs_export_weights_only_at_the_end(strategy, run):
+    """The end-of-run export of a sharded run comes from the live model: no `final.ckpt` (for 7B ~80
+    GB of weights and optimizer state written only to be converted), and the HF dir holds weights,
+    config and tokenizer only. The periodic checkpoints are ModelCheckpoint's, as configured."""
+    run_dir = run(strategy)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert checkpoints == ["last.ckpt", "step000002.ckpt", "step000004.ckpt"]  # no final.ckpt
+    files = {p.name for p in (run_dir / "hf").iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".ckpt", ".distcp", ".bin")) or "optim" in f]
+    assert json.loads((run_dir / "hf" / "config.json").read_text())["dtype"] == "float32"  # auto: fp32 run
+
+
+def test_export_dtype_follows_the_training_precision():
+    assert [export_dtype("auto", p) for p in ("bf16-mixed", "bf16-true", "16-mixed", "32-true")] == [
+        torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
+    assert export_dtype("bf16", "32-true") == torch.bfloat16 and export_dtype("fp32", "bf16-mixed") == torch.float32
+    with pytest.raises(ConfigError, match="export_dtype='int8' is not known; choose auto, fp32, bf16, fp16"):
+        export_dtype("int8", "32-true")
+
+
+def test_bf16_export_of_an_fp32_run_is_its_weights_cast_to_bf16(tiny_cfg, tmp_path):
+    """Cast tensor by tensor while writing: each weight is exactly the trained fp32 one in bf16, and
+    `from_pretrained` loads the directory as a bf16 model."""
+    fit(tiny_cfg("export_dtype=bf16", "trainer.max_steps=2", "save_steps=2", "eval.task=null",
+                 "eval.forgetting=null"))
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    expected = {k.removeprefix("model."): v.to(torch.bfloat16) for k, v in trained.items()
+                if k.startswith("model.") and k != "model.lm_head.weight"}  # tied: left out
+    exported = hf_weights(tmp_path / "hf")
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    assert max_abs_diff(exported, expected) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
 
 
 def test_fsdp_export_equals_torch_consolidation(run, tmp_path, capsys):

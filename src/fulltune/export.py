@@ -1,5 +1,8 @@
 """Export a trained model as an HF directory that plain `transformers` loads.
 
+At the end of a run `ExportAtTrainEnd` writes `<output_dir>/hf` straight from the live model, weights
+only, tensor by tensor (gathered from the shards under FSDP2 / ZeRO-3). Afterwards,
+
     python -m fulltune.export <checkpoint> [--out DIR]
 
 turns any checkpoint a run writes into DIR (safetensors shards + index, config, generation config,
@@ -15,6 +18,8 @@ The model config and tokenizer come from the model spec saved in the checkpoint'
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -26,31 +31,80 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fulltune.preflight import ConfigError
+
 MODEL_PREFIX = "model."  # CausalLMModule keeps the HF model in `self.model`
-SHARD_BYTES = 2 * 1024**3
+SHARD_BYTES = 5 * 10**9  # HF's default `max_shard_size="5GB"`
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Tensors = Iterator[tuple[str, Callable[[], torch.Tensor | None]]]  # (HF name, loader), loaded one at a time
 
 
-def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, eos_token_ids: list[int] | None = None) -> Path:
-    """`save_pretrained` safetensors + tokenizer + a generation config that stops where training
-    ended completions: `eos_token_ids` (the data's turn end, e.g. `<|im_end|>` on a base model
-    trained with ChatML) or else the tokenizer's EOS."""
-    out = Path(out_dir)
-    model.generation_config.eos_token_id = eos_token_ids or tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+def export_dtype(setting: str, precision: str) -> torch.dtype:
+    """The dtype an export writes: `setting` (`fp32|bf16|fp16`), or for `auto` the run's compute dtype,
+    read from Lightning's precision string (`bf16-mixed`/`bf16-true` -> bf16, `16-mixed` -> fp16,
+    `32-true` -> fp32): a bf16 run ships at half the fp32 size, in what it computed with."""
+    if setting == "auto":
+        setting = "bf16" if precision.startswith("bf16") else "fp16" if precision.startswith("16") else "fp32"
+    if setting not in DTYPES:
+        raise ConfigError(f"export_dtype={setting!r} is not known; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[setting]
 
 
-class SaveAtTrainEnd(L.Callback):
-    """Writes a checkpoint when training ends, while the strategy still holds the sharded model
-    (Lightning tears the strategy down before `fit` returns). Every rank writes its own shards."""
+class ExportAtTrainEnd(L.Callback):
+    """Writes the HF export when training ends, while the strategy still holds the (possibly sharded)
+    model: Lightning tears the strategy down before `fit` returns. Weights only: no optimizer state
+    is saved just to be converted (for 7B a full checkpoint is ~80 GB, the bf16 weights 14 GB)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, out_dir: str | Path, tokenizer: Any, dtype: str = "auto", eos_token_ids: list[int] | None = None,
+    ) -> None:
+        export_dtype(dtype, "32-true")  # an unknown value fails now, not after training
+        self.out_dir, self.tokenizer, self.dtype, self.eos_token_ids = Path(out_dir), tokenizer, dtype, eos_token_ids
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
+        self.export(trainer, module.model)
+        trainer.strategy.barrier("export")  # no rank runs ahead into teardown while rank 0 still writes
+
+    def export(self, trainer: L.Trainer, model: nn.Module) -> Path:
+        """Every rank makes the same gathers in the same order (they are collectives); rank 0 alone
+        keeps each full tensor, for the shard it is writing. Also callable after `fit` for a model
+        whose weights are whole on rank 0 (a merged LoRA model)."""
+        config = copy.deepcopy(model.config)  # the writer sets dtype and use_cache on it
+        with torch.no_grad():
+            tensors = without_tied_copies(live_tensors(model, keep=trainer.is_global_zero), config)
+            if not trainer.is_global_zero:
+                for _, load in tensors:
+                    load()
+                return self.out_dir
+            return write_hf_dir(
+                tensors, config, self.tokenizer, self.out_dir, eos_token_ids=self.eos_token_ids,
+                dtype=export_dtype(self.dtype, trainer.precision), generation_config=model.generation_config,
+            )
+
+
+def live_tensors(model: nn.Module, keep: bool = True) -> Tensors:
+    """The state dict of a live model, however its strategy holds it, as loaders of full tensors:
+    FSDP2 DTensors are all-gathered (`full_tensor`), DeepSpeed ZeRO-3 parameters gathered one at a
+    time, replicated ones (single device, DDP, ZeRO-1/2) read as they are. Where not `keep`, a
+    gathered tensor is dropped at once (the loader returns None): those ranks only take part."""
+    def load(tensor: torch.Tensor) -> torch.Tensor | None:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            if tensor.device.type != tensor.device_mesh.device_type:  # CPU-offloaded shards: gather on the GPU
+                tensor = tensor.to(tensor.device_mesh.device_type)  # (as torch's _gather_state_dict does)
+            full = tensor.full_tensor()
+            return full if keep else None
+        if hasattr(tensor, "ds_id"):  # ZeRO-3: only a partition lives in the parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                return tensor.data.clone() if keep else None
+        return tensor
+
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        yield name, functools.partial(load, tensor)
 
 
 # -- reading checkpoints ----------------------------------------------------------------------------
@@ -131,14 +185,11 @@ def _deepspeed_checkpoint(path: Path) -> tuple[dict[str, Any], Iterator[tuple[st
 
 def hf_config(spec: DictConfig) -> Any:
     """The exact HF config: the pretrained weights' own, or the spec's architecture."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from fulltune.models import architecture_config, resolve_weights
 
-    config = architecture_config(spec) if spec.source == "config" else AutoConfig.from_pretrained(
-        resolve_weights(spec))
-    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
-    return config
+    return architecture_config(spec) if spec.source == "config" else AutoConfig.from_pretrained(resolve_weights(spec))
 
 
 def tied_copies(config: Any) -> set[str]:
@@ -151,14 +202,22 @@ def tied_copies(config: Any) -> set[str]:
     return set(AutoModelForCausalLM._model_mapping[type(config)]._tied_weights_keys or ())
 
 
+def without_tied_copies(tensors: Tensors, config: Any) -> Tensors:
+    """Leave out the tied copies before anything is loaded: on a live sharded model every rank
+    filters the same stream, so all make the same gathers and none gathers a copy."""
+    skip = tied_copies(config)
+    return ((name, load) for name, load in tensors if name not in skip)
+
+
 def write_hf_dir(
-    tensors: Iterator[tuple[str, Callable[[], torch.Tensor]]], config: Any, tokenizer: Any, out_dir: str | Path,
-    shard_bytes: int = SHARD_BYTES, eos_token_ids: list[int] | None = None,
+    tensors: Tensors, config: Any, tokenizer: Any, out_dir: str | Path, shard_bytes: int = SHARD_BYTES,
+    eos_token_ids: list[int] | None = None, dtype: torch.dtype | None = None, generation_config: Any = None,
 ) -> Path:
     """Write safetensors shards (HF names: `model-00001-of-00003.safetensors` + index, or one
-    `model.safetensors`), loading tensors one at a time and holding one shard at most."""
+    `model.safetensors`), loading tensors one at a time and holding one shard at most. Floating
+    tensors are cast to `dtype` one by one as they are loaded (never the whole model at once)."""
     from safetensors.torch import save_file
-    from transformers import GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,12 +232,12 @@ def write_hf_dir(
         shards.append(dict.fromkeys(current, ""))
         current.clear()
 
-    dtype, skip = None, tied_copies(config)
+    written = None  # the dtype of the weights, for config.json
     for name, load in tensors:
-        if name in skip:
-            continue
-        tensor = load().detach().to("cpu").clone(memory_format=torch.contiguous_format)  # own, unshared memory
-        dtype = dtype or tensor.dtype
+        tensor = load().detach()
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        tensor = tensor.to("cpu", cast, copy=True, memory_format=torch.contiguous_format)  # own, unshared memory
+        written = written or tensor.dtype
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > shard_bytes:
             flush()
@@ -195,11 +254,15 @@ def write_hf_dir(
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.dtype = dtype
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]  # not FSDP's wrapper class
+    config.dtype = written
     config.use_cache = True
     config.save_pretrained(out)
-    generation = GenerationConfig.from_model_config(config)
-    generation.eos_token_id = eos_token_ids or tokenizer.eos_token_id  # as in export_hf
+    # generation stops where training ended completions: `eos_token_ids` (the data's turn end, e.g.
+    # `<|im_end|>` on a base model trained with ChatML) or else the tokenizer's EOS
+    generation = (GenerationConfig.from_model_config(config) if generation_config is None
+                  else copy.deepcopy(generation_config))
+    generation.eos_token_id = eos_token_ids or tokenizer.eos_token_id
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -216,8 +279,10 @@ def export_checkpoint(
 
     hyper_parameters, tensors = read_checkpoint(checkpoint)
     spec = hyper_parameters["model"]
+    config = hf_config(spec)
     return write_hf_dir(
-        tensors, hf_config(spec), tokenizer or load_tokenizer(spec), out_dir, shard_bytes, eos_token_ids
+        without_tied_copies(tensors, config), config, tokenizer or load_tokenizer(spec), out_dir, shard_bytes,
+        eos_token_ids,
     )
 
 
@@ -226,11 +291,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file, an FSDP DCP dir or a DeepSpeed dir")
     parser.add_argument("--out", type=Path, help="output dir (default: <checkpoint>-hf beside it)")
-    parser.add_argument("--shard-gb", type=float, default=SHARD_BYTES / 1024**3, help="max size of one file")
+    parser.add_argument("--shard-gb", type=float, default=SHARD_BYTES / 10**9, help="max size of one file (GB)")
     args = parser.parse_args(argv)
     out = args.out or args.checkpoint.with_name(args.checkpoint.name.removesuffix(".ckpt") + "-hf")
     try:
-        print(export_checkpoint(args.checkpoint, out, shard_bytes=int(args.shard_gb * 1024**3)))
+        print(export_checkpoint(args.checkpoint, out, shard_bytes=int(args.shard_gb * 10**9)))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

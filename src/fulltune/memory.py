@@ -31,6 +31,8 @@ GPUS: dict[str, float] = {
     "V100-32GB": 31.7,
 }
 
+PRE_AMPERE = ("T4", "V100-32GB")  # compute capability < 8.0: no native bf16
+
 # ZeRO stage each strategy reaches: 1 shards optimizer states and the fp32 master, 2 also gradients,
 # 3 also weights (FSDP full shard is ZeRO-3). "_offload" moves every sharded part to CPU RAM.
 SHARD_STAGE = {
@@ -57,13 +59,20 @@ OPTIMIZERS: dict[str, tuple[int, int | None]] = {
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-quantised absmax per 64 weights
 CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
-DEEPSPEED_BUCKET = 200_000_000  # Lightning's reduce_bucket_size in elements; overlap_comm keeps two
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size in elements; overlap_comm (stage 3) keeps two
 # Bytes per token per decoder layer saved around the two RMSNorms: fp32 keeps x, x*rsqrt and the output;
 # 16-bit weights keep an fp32 upcast plus 16-bit normalised input and output; autocast keeps x and
 # x*rsqrt in fp32 and casts the input of q, k, v, gate, up to 16 bit separately (5 x 2 B).
 NORM_BYTES = {"fp32": 24, "16-bit": 16, "autocast": 26}
 FINAL_NORM_BYTES = {"fp32": 12, "16-bit": 8, "autocast": 10}
-LOSS_BYTES = 12  # per logit: fp32 log-probs saved by cross-entropy + their grad + the logits' grad (fp32)
+# The chunked label-position loss (fulltune.loss): per logit of one chunk, the fp32 logits turned into
+# their softmax gradient in place, plus a 16-bit copy for the gradient matmuls in 16-bit modes; per
+# label token, the gathered hidden state and its gradient.
+CHUNK_LOGIT_BYTES = {"fp32": 4, "16-bit": 8, "autocast": 8}
+HEAD_HIDDEN_BYTES = {"fp32": 8, "16-bit": 4, "autocast": 8}
+FULL_LOGITS_BYTES = 12  # per logit of the full-logits loss: fp32 log-probs + their grad + the logits' grad
+DEFAULT_LOSS_CHUNK = 1024
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")  # torch's AdamW: foreach by default on CUDA, for-loop on CPU
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Arch:
     linear: int  # nn.Linear params: autocast keeps a 16-bit copy of each for backward
     layer_linear: int  # nn.Linear params inside decoder layers: what QLoRA quantizes
     layer: int  # params of one decoder layer: the FSDP / ZeRO-3 shard unit
+    largest: int  # params of the largest single tensor: what a for-loop optimizer step holds a temporary of
     lora_width: int  # sum of in + out features of the LoRA target projections
     layers: int
     hidden: int
@@ -112,9 +122,12 @@ class MemoryPlan:
     buffers: int
     activations: int
     logits: int
+    optimizer_step: int  # the step's transient memory beyond the activations it follows (freed by then)
     overhead: int
     cpu_ram: int  # per process, for offloaded shards
-    gpu: str | None = None
+    gpu: str | None = None  # what the plan is held against: a catalogue GPU, or a label for `capacity`
+    capacity: int | None = None  # usable bytes per device (a catalogue GPU's, or measured free memory)
+    device: str = "cuda"  # cpu: the plan is held against RAM, where offloaded shards live too
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     LINES = (
@@ -127,6 +140,7 @@ class MemoryPlan:
         ("buffers", "communication buffers"),
         ("activations", "activations"),
         ("logits", "final norm + logits/loss"),
+        ("optimizer_step", "optimizer step transient"),
         ("overhead", "CUDA context + workspaces"),
     )
 
@@ -135,8 +149,9 @@ class MemoryPlan:
         return sum(getattr(self, name) for name, _ in self.LINES)
 
     def fits(self, gpu: str | None = None) -> bool:
-        """Whether the peak fits in `gpu`'s memory (default: the GPU the plan was made for)."""
-        return self.total <= gpu_bytes(gpu or self.gpu)
+        """Whether the peak fits in `gpu`'s memory (default: what the plan was made for)."""
+        offloaded = self.cpu_ram if self.device == "cpu" else 0
+        return self.total + offloaded <= (gpu_bytes(gpu) if gpu else self.capacity)
 
 
 def gpu_bytes(name: str | None) -> int:
@@ -201,6 +216,7 @@ def describe(model: Any) -> Arch:
         linear=_linear_params(module),
         layer_linear=sum(_linear_params(b) for b in blocks),
         layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        largest=max(p.numel() for p in module.parameters()),
         lora_width=_lora_width(module, LORA_TARGETS),
         layers=len(blocks),
         hidden=cfg.hidden_size,
@@ -235,12 +251,27 @@ def layer_activation_bytes(arch: Arch, mode: str, tokens: int, seq_len: int) -> 
     return tokens * (NORM_BYTES[mode] * arch.hidden + attention + mlp + probs)
 
 
-def head_activation_bytes(arch: Arch, mode: str, tokens: int) -> int:
-    """Final norm plus the loss at its peak: fp32 log-probs and, in backward, two fp32 gradients."""
-    return tokens * (FINAL_NORM_BYTES[mode] * arch.hidden + LOSS_BYTES * arch.vocab)
+def head_activation_bytes(arch: Arch, mode: str, tokens: int, chunk_tokens: int = DEFAULT_LOSS_CHUNK) -> int:
+    """Final norm plus the chunked loss at its peak: every token may be a label (the gathered hidden
+    state and its gradient) and one chunk of logits over the vocabulary. `chunk_tokens=0`: the
+    full-logits loss (fp32 log-probs of every position and, in backward, two fp32 gradients)."""
+    if chunk_tokens <= 0:
+        return tokens * (FINAL_NORM_BYTES[mode] * arch.hidden + FULL_LOGITS_BYTES * arch.vocab)
+    return tokens * (FINAL_NORM_BYTES[mode] + HEAD_HIDDEN_BYTES[mode]) * arch.hidden + min(chunk_tokens, tokens) * (
+        CHUNK_LOGIT_BYTES[mode] * arch.vocab)
 
 
-def _activations(arch: Arch, mode: str, tokens: int, seq_len: int, checkpointing: bool) -> int:
+def optimizer_step_bytes(arch: Arch, local_trainable: int, state_b: int, impl: str) -> int:
+    """What the step allocates on top of its states: torch's foreach AdamW takes sqrt(v) of every
+    parameter at once (one more copy of a state), the for-loop one parameter at a time, fused none."""
+    if impl == "fused":
+        return 0
+    if impl == "foreach":
+        return local_trainable * state_b
+    return min(local_trainable, arch.largest) * state_b
+
+
+def _activations(arch: Arch, mode: str, tokens: int, seq_len: int, checkpointing: bool, chunk_tokens: int) -> int:
     """Decoder-layer activations at the peak. Checkpointed: each layer keeps its input (residual
     dtype), and backward recomputes one layer at a time, after the loss buffers are freed; that
     layer's activations plus the gradients of three MLP-wide tensors count where they exceed them."""
@@ -250,17 +281,18 @@ def _activations(arch: Arch, mode: str, tokens: int, seq_len: int, checkpointing
     p = 4 if mode == "fp32" else 2
     residual = 2 if mode == "16-bit" else 4
     recompute = layer + tokens * 3 * p * arch.intermediate
-    return arch.layers * tokens * residual * arch.hidden + max(0, recompute - head_activation_bytes(arch, mode, tokens))
+    head = head_activation_bytes(arch, mode, tokens, chunk_tokens)
+    return arch.layers * tokens * residual * arch.hidden + max(0, recompute - head)
 
 
 def _param_bytes(precision: str, strategy: str) -> tuple[int, int, int, int]:
     """(weight, grad, master, optimizer-state) bytes per parameter."""
+    if strategy.startswith("deepspeed"):  # ZeRO clones an fp32 master of its partition in every precision
+        return (4, 4, 4, 4) if precision == "32-true" else (2, 2, 4, 4)  # 16-bit models also under *-true
     if precision == "32-true":
         return 4, 4, 0, 4
     if precision.endswith("-true"):
         return 2, 2, 0, 2  # torch optimizers keep their states in the parameters' dtype
-    if strategy.startswith("deepspeed"):
-        return 2, 2, 4, 4  # 16-bit model, fp32 master partition and states
     return 4, 4, 0, 4  # fp32 params are the master; autocast / MixedPrecisionPolicy computes in 16 bit
 
 
@@ -277,19 +309,29 @@ def build_memory_plan(
     trainable_params: int | None = None,
     extra_param_copies: int = 0,
     gpu: str | None = None,
+    capacity: int | None = None,
     lora_rank: int | None = None,
     quantize_base: bool = False,
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK,
+    device: str = "cuda",
+    optimizer_impl: str | None = None,
 ) -> MemoryPlan:
     """Per-device memory of one setup.
 
     `model`: an nn.Module (meta device is fine), its PretrainedConfig, or `describe(model)`.
     `trainable_params`: how many of the model's params train (freeze); default: those with requires_grad.
     `lora_rank`: add LoRA adapters on q/k/v/o and freeze the base. `quantize_base`: QLoRA's NF4 base.
-    `extra_param_copies`: fp32 copies of the trainable params a regularizer keeps (EWC: Fisher + anchor = 2).
+    `extra_param_copies`: copies of the trainable params (their dtype) a regularizer keeps (EWC: Fisher + anchor = 2).
+    `gpu` names a catalogue GPU, or labels `capacity` (usable bytes per device, e.g. measured free memory).
+    `device`: "cuda" adds the CUDA context and defaults to torch's foreach optimizer step; "cpu" (a
+    plan held against RAM) has neither. `optimizer_impl`: fused | foreach | for-loop, when set explicitly.
     """
     arch = describe(model)
     precision = PRECISION_ALIASES.get(str(precision), str(precision))
-    _check(precision, strategy, optimizer, world_size, gpu)
+    _check(precision, strategy, optimizer, world_size, gpu if capacity is None else None)
+    impl = optimizer_impl or ("foreach" if device == "cuda" else "for-loop")
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"unknown optimizer_impl {impl!r}; known: {', '.join(OPTIMIZER_IMPLS)}")
     strategy = "ddp" if strategy == "auto" and world_size > 1 else strategy
     trainable = arch.trainable if trainable_params is None else trainable_params
     total, linear, layer = arch.total, arch.linear, arch.layer
@@ -319,17 +361,22 @@ def build_memory_plan(
     states, cpu_s = place(trainable * n_states * state_b, 1)
     if mode == "autocast":
         compute = 2 * (linear - quantized)
-    elif stage == 3:  # gathered: non-layer params (FSDP2's root stays gathered), two layers, one layer's grads
-        compute = p * (total - arch.layers * layer + 3 * layer)
+    elif stage == 3:  # gathered: non-layer params (FSDP2's root stays gathered), two layers, one layer's grads,
+        compute = p * (total - arch.layers * layer + 3 * layer + arch.vocab * arch.hidden)  # the head's grad
     else:
         compute = 0
     if strategy == "ddp":
         buffers = trainable * grad_b  # DDP buckets: a second gradient copy unless gradient_as_bucket_view
     elif strategy.startswith("deepspeed"):
-        buffers = 2 * min(DEEPSPEED_BUCKET, trainable) * grad_b
+        buffers = (2 if stage == 3 else 1) * min(DEEPSPEED_BUCKET, trainable) * grad_b
     else:
         buffers = 0
     method = _method(total, trainable, lora_rank, quantize_base)
+    activations = _activations(arch, mode, tokens, seq_len, gradient_checkpointing, loss_chunk_tokens)
+    logits = head_activation_bytes(arch, mode, tokens, loss_chunk_tokens)
+    # ZeRO steps one flat partition: a for-loop step is then as large as a foreach one
+    impl = "foreach" if strategy.startswith("deepspeed") and impl == "for-loop" else impl
+    step = optimizer_step_bytes(arch, trainable // (n if stage >= 1 else 1), state_b, impl)
     return MemoryPlan(
         model=arch.name,
         total_params=total,
@@ -357,14 +404,22 @@ def build_memory_plan(
         gradients=gradients,
         master_weights=master,
         optimizer_states=states,
-        regularizer=int(extra_param_copies * 4 * trainable / (n if stage == 3 else 1)),
+        regularizer=int(extra_param_copies * weight_b * trainable / (n if stage == 3 else 1)),  # param dtype
         buffers=buffers,
-        activations=_activations(arch, mode, tokens, seq_len, gradient_checkpointing),
-        logits=head_activation_bytes(arch, mode, tokens),
-        overhead=CUDA_OVERHEAD,
+        activations=activations,
+        logits=logits,
+        optimizer_step=0 if offload else max(0, step - activations - logits),  # offload: the step runs on CPU
+        overhead=CUDA_OVERHEAD if device == "cuda" else 0,
         cpu_ram=cpu_w + cpu_g + cpu_m + cpu_s,
         gpu=gpu,
-        notes=_notes(arch, mode, strategy, n, gradient_checkpointing, tokens, seq_len, extra_param_copies),
+        capacity=capacity if capacity is not None else (gpu_bytes(gpu) if gpu else None),
+        device=device,
+        notes={
+            **_notes(arch, mode, strategy, n, gradient_checkpointing, tokens, seq_len, extra_param_copies),
+            "logits": f"{min(loss_chunk_tokens, tokens)} label tokens x {arch.vocab} vocab per chunk + hidden states"
+            if loss_chunk_tokens > 0 else f"full logits: {tokens} tokens x {arch.vocab} vocab x {FULL_LOGITS_BYTES} B",
+            "optimizer_step": f"{impl}: {step / GiB:.2f} GiB, after activations are freed",
+        },
     )
 
 
@@ -425,7 +480,7 @@ def _notes(
     stage, offload = SHARD_STAGE[strategy], strategy.endswith("_offload")
     layer = layer_activation_bytes(arch, mode, tokens, seq_len)
     shard = f"1/{n} shard" + (", in CPU RAM" if offload else "")
-    gathered = "gathered for compute: root + 2 layers, 1 layer of grads" if stage == 3 else ""
+    gathered = "gathered for compute: root + 2 layers; 1 layer's and the head's grads" if stage == 3 else ""
     recomputed = f"{arch.layers} layer inputs + 1 layer recomputed" if checkpointing else f"{arch.layers} layers"
     return {
         "weights": shard if stage >= 3 else "full replica",
@@ -433,10 +488,10 @@ def _notes(
         "gradients": shard if stage >= 2 else "full",
         "master_weights": shard if stage >= 1 else "full",
         "optimizer_states": shard if stage >= 1 else "full",
-        "regularizer": f"{copies} fp32 copies of the trainable params",
-        "buffers": "DDP gradient buckets" if strategy == "ddp" else "DeepSpeed reduce buckets, 2 x 2e8 elements",
+        "regularizer": f"{copies} copies of the trainable params, sharded like them",
+        "buffers": "DDP gradient buckets" if strategy == "ddp"
+        else f"DeepSpeed reduce bucket{'s x 2' if stage == 3 else ''}, <= 5e8 elements",
         "activations": f"{recomputed}, {layer / GiB:.3f} GiB/layer ({mode}, {tokens} tokens)",
-        "logits": f"{tokens} tokens x {arch.vocab} vocab x {LOSS_BYTES} B fp32",
         "overhead": "fixed estimate",
     }
 
@@ -503,14 +558,14 @@ def render_plan(plan: MemoryPlan, alternatives: list[tuple[str, MemoryPlan]] | t
     out.append(f"  {'total':26}{plan.total / GiB:11.2f}")
     if plan.cpu_ram:
         out.append(f"  {'CPU RAM per process':26}{plan.cpu_ram / GiB:11.2f}  offloaded shards (x processes per node)")
-    if plan.gpu:
-        spare = (gpu_bytes(plan.gpu) - plan.total) / GiB
+    if plan.capacity is not None:
+        spare = (plan.capacity - plan.total) / GiB
         verdict = f"fits, {spare:.1f} GiB spare" if spare >= 0 else f"does NOT fit, {-spare:.1f} GiB short"
-        out.append(f"  {plan.gpu} ({gpu_bytes(plan.gpu) / GiB:.1f} GiB usable): {verdict}")
+        out.append(f"  {plan.gpu} ({plan.capacity / GiB:.1f} GiB usable): {verdict}")
     if alternatives:
         out.append(f"  alternatives (GiB/device{' on ' + plan.gpu if plan.gpu else ''}):")
         for label, alt in alternatives:
-            mark = "fits" if not plan.gpu or alt.fits(plan.gpu) else "no  "
+            mark = "fits" if plan.capacity is None or alt.fits() else "no  "
             cpu = f"  (+{alt.cpu_ram / GiB:.1f} GiB CPU RAM/process)" if alt.cpu_ram else ""
             out.append(f"    {mark} {alt.total / GiB:8.2f}  {label}{cpu}")
     return "\n".join(out)

@@ -15,11 +15,15 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from fulltune.atomic import publish_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +116,34 @@ def resolve_weights(spec: DictConfig) -> str:
     )
 
 
-def build_model(spec: DictConfig, device: str | None = None):
-    """Instantiate the model: pretrained weights, or random init from `config`, or on `device="meta"`."""
+def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Instantiate the model: pretrained weights, or random init from `config`, or on `device="meta"`.
+
+    It is built as it will be trained, so no second copy is ever made to convert it: in `dtype`,
+    by default torch's default dtype, which Lightning's precision plugin sets around
+    `configure_model` (bf16 for `bf16-true`; fp32 for `32-true` and `*-mixed`, whose weights are
+    the fp32 masters); pretrained weights load straight onto the device of an active
+    `torch.device(...)` context (the strategy's root device on one device, under DDP and ZeRO-1/2),
+    which transformers takes as the `device_map`.
+    A `config` model draws its random weights in fp32 on CPU, then casts them: the same numbers
+    (rounded) in every precision, on every device and strategy.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.get_default_dtype()
     attn = spec.get("attn_implementation", "sdpa")
-    if device == "meta" or spec.source == "config":
+    if device == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(architecture_config(spec), attn_implementation=attn, dtype=dtype)
+    elif spec.source == "config":
         with torch.device(device or "cpu"):
-            if device != "meta":
-                torch.manual_seed(spec.get("init_seed", 0))
-            model = AutoModelForCausalLM.from_config(architecture_config(spec), attn_implementation=attn)
+            torch.manual_seed(spec.get("init_seed", 0))
+            model = AutoModelForCausalLM.from_config(
+                architecture_config(spec), attn_implementation=attn, dtype=torch.float32
+            ).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_weights(spec), dtype=torch.float32, attn_implementation=attn
-        )
+        model = AutoModelForCausalLM.from_pretrained(resolve_weights(spec), dtype=dtype, attn_implementation=attn)
     model.config.use_cache = False
     return model
 

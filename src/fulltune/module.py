@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fulltune.finetune import apply_finetune
+from fulltune.loss import LabelLossHead, full_logits_loss_sum, install_label_loss_head
 from fulltune.models import build_model, resolve_weights
 from fulltune.optim import param_groups
 from fulltune.regularizers import Regularizer
@@ -57,12 +57,15 @@ class CausalLMModule(L.LightningModule):
         model = build_model(self.spec, device="meta" if on_meta else None)
         if self.spec.gradient_checkpointing:  # non-reentrant: the variant that works under FSDP (transformers #28499)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        install_label_loss_head(model, self.spec.loss_chunk_tokens)
         model = apply_finetune(model, self.finetune)
         if fsdp:
             strategy.shard(model)
         if on_meta:
             load_sharded_weights(model, resolve_weights(self.spec), strategy.root_device)
         self.model = model
+        if self.regularizer is not None:  # its state's buffers, laid out like the weights, before a checkpoint loads
+            self.regularizer.bind(self)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(
@@ -73,13 +76,15 @@ class CausalLMModule(L.LightningModule):
         ).logits
 
     def token_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over label tokens (not -100), and their count."""
-        logits = self(batch)[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        return loss_sum, (labels != -100).sum()
+        """Summed next-token cross-entropy over label tokens (not -100), and their count. The head
+        sees label positions only, in chunks (fulltune.loss): no tokens x vocab logits exist."""
+        labels = batch["labels"]
+        n_tokens = (labels[:, 1:] != -100).sum()
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, LabelLossHead):  # a model that post-processes its logits
+            return full_logits_loss_sum(self(batch), labels), n_tokens
+        with head.labels(labels):
+            return self(batch), n_tokens
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.token_loss_sum(batch)

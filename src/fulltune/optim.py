@@ -1,11 +1,19 @@
-"""Optimizer parameter groups and warmup LR schedules (transformers' schedule functions)."""
+"""Optimizer parameter groups, the optimizer a precision can step, and warmup LR schedules."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, open_dict
+
+from fulltune.preflight import ConfigError
+
+BF16_COMPENSATION = ("auto", "stochastic_rounding", "off")
+_TORCHAO_ADAMW_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad"}
 
 
 def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -20,6 +28,57 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def optimizer_for_precision(node: DictConfig, precision: str, strategy: Any) -> functools.partial:
+    """The optimizer factory of `node` (a conf/optimizer node) once `bf16_compensation` is decided.
+
+    Under bf16-true the weights themselves are bf16 and torch's AdamW rounds every new weight to the
+    nearest bf16: a step under half an ulp (0.02 has an ulp of ~1.2e-4; every step at lr 2e-5) is lost.
+    `auto` therefore steps torchao's AdamW clone with stochastic rounding there, which keeps those
+    updates on average (its states stay bf16, as the memory plan counts them), but not under DeepSpeed,
+    which already steps fp32 master weights. `off` keeps the configured optimizer as it is. The choice
+    replaces `auto` in `node`, so the run's config.yaml records it, and is logged once on rank 0.
+    """
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.utilities import rank_zero_info
+
+    factory = instantiate(node)
+    keywords = dict(factory.keywords)
+    requested = keywords.pop("bf16_compensation", "auto")
+    name = factory.func.__name__
+    if requested not in BF16_COMPENSATION:
+        raise ConfigError(f"optimizer.bf16_compensation={requested!r}: use one of {', '.join(BF16_COMPENSATION)}")
+    deepspeed = isinstance(strategy, DeepSpeedStrategy)
+    bf16_weights = precision == "bf16-true" and not deepspeed
+    choice = requested if requested != "auto" else ("stochastic_rounding" if bf16_weights else "off")
+    with open_dict(node):
+        node.bf16_compensation = choice
+    if choice == "off":
+        if precision == "bf16-true":
+            rank_zero_info(f"optimizer: {name} on DeepSpeed's fp32 master weights (bf16-true needs no compensation)"
+                           if deepspeed else f"optimizer: plain {name} on bf16 weights "
+                           "(optimizer.bf16_compensation=off): updates under half a bf16 ulp are lost")
+        return functools.partial(factory.func, *factory.args, **keywords)
+    if not bf16_weights:
+        raise ConfigError(f"optimizer.bf16_compensation=stochastic_rounding needs bf16 weights, but precision="
+                          f"{precision}{' under DeepSpeed (fp32 master weights)' if deepspeed else ''} has none; "
+                          "use optimizer.bf16_compensation=auto")
+    if factory.func is not torch.optim.AdamW:
+        raise ConfigError(f"precision=bf16-true: {name} would lose every update under half a bf16 ulp and only "
+                          "AdamW has a stochastic-rounding version; use optimizer=adamw, precision=bf16_mixed, "
+                          "or accept the loss with ++optimizer.bf16_compensation=off")
+    keywords.pop("fused", None)  # how torch's AdamW runs its step, not a hyper-parameter; torchao's is compiled
+    keywords.pop("foreach", None)
+    if unsupported := sorted(set(keywords) - _TORCHAO_ADAMW_KEYS):
+        raise ConfigError(f"optimizer.bf16_compensation=stochastic_rounding steps torchao's AdamW, which takes no "
+                          f"{', '.join(unsupported)}: drop them, or set optimizer.bf16_compensation=off")
+    from torchao.optim import _AdamW  # torchao's documented AdamW clone (torchao/optim/README.md)
+
+    rank_zero_info("optimizer: torchao AdamW with bf16 stochastic rounding (bf16-true keeps no fp32 weights; "
+                   "optimizer.bf16_compensation=off for plain torch AdamW)")
+    return functools.partial(_AdamW, bf16_stochastic_round=True, **keywords)
 
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:

@@ -96,38 +96,65 @@ class FSDP2Strategy(ModelParallelStrategy):
 def load_sharded_weights(model: nn.Module, weights_dir: str | Path, device: torch.device) -> None:
     """Fill a sharded model that was built on the meta device from an HF safetensors directory.
 
-    Every rank reads (memory-mapped) only what it needs and keeps only its own shard of each
-    tensor, so no rank ever holds the full model. Non-persistent buffers (RoPE frequencies) are
-    recomputed with the model's own `_init_weights`.
+    Each rank reads (memory-mapped, one tensor at a time) only its own rows of every tensor FSDP2
+    shards on dim 0 and copies them, cast to the model's dtype, straight into its shard of the
+    parameter (what `load_state_dict` would do, without first collecting a second copy of the
+    shards): beyond its shards a rank holds one slice at a time, never a full tensor, let alone
+    the full model. Non-persistent buffers (RoPE frequencies) are recomputed with the model's own
+    `_init_weights`.
     """
     from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
     files = _safetensors_index(Path(weights_dir))
-    expected = model.state_dict()
-    local: dict[str, torch.Tensor] = {}
-    for name in expected.keys() & files.keys():
-        target = expected[name]
-        with safe_open(files[name], framework="pt") as f:
-            full = f.get_tensor(name).to(target.dtype)
-        if isinstance(target, DTensor):
-            shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-            local[name] = DTensor.from_local(
-                shard.to_local().clone(), target.device_mesh, target.placements,
-                shape=target.shape, stride=target.stride(),
-            )
-        else:
-            local[name] = full.to(device)
-    missing, _ = model.load_state_dict(local, strict=False)
+    expected = model.state_dict()  # detached views of the parameters and buffers: copying into them loads them
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
-    if not_loaded := [k for k in missing if k not in tied]:
+    if not_loaded := sorted(expected.keys() - files.keys() - tied):
         raise ValueError(f"{weights_dir}: no weights for {not_loaded[:5]}{' ...' if len(not_loaded) > 5 else ''}")
-    persistent = set(expected)
     with torch.no_grad():
+        for name in [n for n in expected if n in files]:
+            with safe_open(files[name], framework="pt") as f:  # unmapped after each tensor: its pages leave RSS
+                _copy_stored(f, name, expected[name])
+        persistent = set(expected)
         for module_name, module in model.named_modules():
             if any(f"{module_name}.{b}".lstrip(".") not in persistent for b, _ in module.named_buffers(recurse=False)):
                 model._init_weights(module)
+
+
+def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a dim 0 of size `n` that `rank` of `world` holds under `Shard(0)`.
+
+    DTensor and FSDP2 split like `torch.chunk`: ceil(n / world) rows per rank, so the last ranks
+    may hold fewer rows, or none.
+    """
+    chunk = -(-n // world)
+    lo = min(rank * chunk, n)
+    return lo, min(lo + chunk, n)
+
+
+def _copy_stored(f: Any, name: str, target: torch.Tensor) -> None:
+    """Copy tensor `name` of an open safetensors file into `target`, cast to its dtype and device.
+
+    A DTensor sharded on dim 0 of a 1-D mesh (FSDP2's placement) reads only this rank's rows; any
+    other placement, or a plain tensor, is read whole.
+    """
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    stored = f.get_slice(name)
+    if list(stored.get_shape()) != list(target.shape):
+        raise ValueError(f"{name}: the weights are {stored.get_shape()}, the model expects {list(target.shape)}")
+    if not isinstance(target, DTensor):
+        target.copy_(f.get_tensor(name))
+        return
+    mesh, placements = target.device_mesh, target.placements
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        target.copy_(distribute_tensor(f.get_tensor(name), mesh, placements, src_data_rank=None))
+        return
+    lo, hi = shard_rows(target.shape[0], mesh.size(), mesh.get_local_rank())
+    shard = target.to_local()
+    if shard.shape[0] != hi - lo:  # copy_ would broadcast a 1-row slice silently
+        raise RuntimeError(f"{name}: this rank's shard has {shard.shape[0]} rows, torch.chunk's split gives {hi - lo}")
+    shard.copy_(stored[lo:hi])
 
 
 def _safetensors_index(weights_dir: Path) -> dict[str, str]:
@@ -257,11 +284,6 @@ def optimizer_for(strategy: Any, factory: functools.partial) -> functools.partia
 
 
 # -- checks -----------------------------------------------------------------------------------------------
-
-
-def is_sharded(strategy: Any) -> bool:
-    """Whether no rank holds the full, final fp32 weights in memory (export goes through a checkpoint)."""
-    return isinstance(strategy, ModelParallelStrategy | LightningDeepSpeedStrategy)
 
 
 def check_strategy(cfg: DictConfig) -> None:

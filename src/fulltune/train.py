@@ -71,30 +71,14 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def dry_run(cfg: DictConfig) -> None:
-    """Build the architecture on the meta device and print the memory plan; no weights, no data."""
-    from fulltune.finetune import apply_finetune
-    from fulltune.memory import build_memory_plan, describe, render_plan, suggest_alternatives
-    from fulltune.models import build_model
-
-    arch = describe(apply_finetune(build_model(cfg.model, device="meta"), cfg.finetune))
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
-    plan_kwargs = {
-        "precision": cfg.precision.value,
-        "strategy": cfg.strategy.name,
-        "world_size": devices * cfg.trainer.num_nodes,
-        "micro_batch_size": cfg.data.batch_size,
-        "seq_len": cfg.data.max_length,
-        "gradient_checkpointing": cfg.model.gradient_checkpointing,
-        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
-        "extra_param_copies": {"EWC": 2, "L2SP": 1}.get(cfg.regularizer.get("_target_", "").rsplit(".", 1)[-1], 0),
-        "gpu": cfg.gpu,
-    }
-    plan = build_memory_plan(arch, **plan_kwargs)
-    alternatives = () if plan.fits(cfg.gpu) else suggest_alternatives(arch, plan_kwargs, cfg.gpu)
-    print(f"model={cfg.model.name}: {arch.total:,} parameters, {arch.trainable:,} trainable "
-          f"({arch.trainable / arch.total:.2%})")
-    print(render_plan(plan, alternatives))
+def optimizer_step_intervals(trainer: DictConfig) -> dict:
+    """`trainer.val_check_interval: N` counts optimizer steps, like `save_steps` and
+    `log_every_n_steps`; Lightning counts micro-batches, within one epoch unless
+    `check_val_every_n_epoch` is None. A fraction of an epoch is passed through."""
+    interval = trainer.val_check_interval
+    if not isinstance(interval, int) or isinstance(interval, bool):
+        return {}
+    return {"val_check_interval": interval * trainer.accumulate_grad_batches, "check_val_every_n_epoch": None}
 
 
 @contextmanager
@@ -121,20 +105,24 @@ def job_scope(job_config: Path) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def fit(cfg: DictConfig) -> dict:
-    """Train one run and return its summary (also written to `<output_dir>/summary.json`)."""
+def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
+    """Train one run and return its summary (also written to `<output_dir>/summary.json`);
+    `plan_bytes`, the memory plan's per-device total, is recorded beside the measured peak."""
     import lightning as L
     import torch
     from hydra.utils import instantiate
 
-    from fulltune.export import SaveAtTrainEnd, export_checkpoint, export_hf
+    from fulltune.export import ExportAtTrainEnd
     from fulltune.finetune import count_params, merged_for_export
+    from fulltune.launch import resolve_hardware
     from fulltune.loggers import finish_loggers
     from fulltune.models import load_tokenizer
     from fulltune.module import CausalLMModule
+    from fulltune.optim import optimizer_for_precision
     from fulltune.regularizers import RegularizerSetup
-    from fulltune.strategies import is_sharded, optimizer_for
+    from fulltune.strategies import optimizer_for
 
+    resolve_hardware(cfg)  # a no-op after `train`; `fit` is also called on its own (tests, sweeps)
     for name in ("lightning.pytorch", "lightning.fabric"):  # Hydra's root handlers print them once
         logging.getLogger(name).handlers.clear()
     L.seed_everything(cfg.seed, workers=True)
@@ -147,18 +135,22 @@ def fit(cfg: DictConfig) -> dict:
     strategy = instantiate(cfg.strategy)
     spec = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # checkpoints keep no ${hydra:...}
     module = CausalLMModule(
-        model=spec, optimizer=optimizer_for(strategy, instantiate(cfg.optimizer)),
+        model=spec,
+        optimizer=optimizer_for(strategy, optimizer_for_precision(cfg.optimizer, cfg.precision.value, strategy)),
         scheduler=instantiate(cfg.scheduler), finetune=cfg.finetune, regularizer=regularizer,
     )
     evaluators = [instantiate(e) for e in cfg.eval.values() if e is not None]  # each has `results`
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + evaluators
     callbacks += [RegularizerSetup(regularizer)] if regularizer is not None else []
-    final_ckpt = out_dir / "checkpoints" / "final.ckpt"
-    if cfg.export and is_sharded(strategy):  # no rank holds the whole model: export from sharded files
-        callbacks.append(SaveAtTrainEnd(final_ckpt))
+    # the HF export, weights only, from the live (maybe sharded) model at the end of training; generation
+    # stops where training ended completions. LoRA merges in place, so after `fit` counted its adapters.
+    exporter = ExportAtTrainEnd(out_dir / "hf", tokenizer, cfg.export_dtype, datamodule.stop_token_ids)
+    lora = cfg.finetune.method == "lora"  # never sharded (check_strategy): its weights stay whole on rank 0
+    if cfg.export and not lora:
+        callbacks.append(exporter)
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, strategy=strategy, precision=cfg.precision.value,
+        cfg.trainer, **optimizer_step_intervals(cfg.trainer), strategy=strategy, precision=cfg.precision.value,
         callbacks=callbacks, logger=loggers or False,
     )
     if trainer.is_global_zero:
@@ -187,6 +179,7 @@ def fit(cfg: DictConfig) -> dict:
         "params_total": total,
         "params_trainable": trainable,
         "peak_memory_bytes": peak_memory_bytes(),
+        "memory_plan_bytes": plan_bytes,
         **metrics,
         **{k: v for evaluator in evaluators for k, v in evaluator.results.items()},
         "data": getattr(datamodule, "stats", {}),
@@ -194,12 +187,9 @@ def fit(cfg: DictConfig) -> dict:
     summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["wall_time_s"], 1)
     if trainer.is_global_zero:
         if cfg.export:
-            stop_ids = datamodule.stop_token_ids  # generation stops where training ended completions
-            summary["export_dir"] = str(
-                export_checkpoint(final_ckpt, out_dir / "hf", tokenizer=tokenizer, eos_token_ids=stop_ids)
-                if is_sharded(strategy)
-                else export_hf(merged_for_export(module.model), tokenizer, out_dir / "hf", eos_token_ids=stop_ids)
-            )
+            if lora:
+                exporter.export(trainer, merged_for_export(module.model))
+            summary["export_dir"] = str(exporter.out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("summary: %s", out_dir / "summary.json")
         finish_loggers(trainer.loggers, summary)
@@ -208,21 +198,32 @@ def fit(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
+    from fulltune.launch import check_memory, dry_run, resolve_hardware
     from fulltune.strategies import check_strategy
 
+    resolve_hardware(cfg)
     preflight(cfg)
     check_strategy(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return None
-    summary = fit(cfg)
+    plan = check_memory(cfg)
+    summary = fit(cfg, None if plan is None else plan.total)
     value = summary.get(cfg.optimized_metric)
     return None if value is None else float(value)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep records the failed job and goes on
+            raise
+        sys.exit(f"error: {err}")
 
 
 def main() -> None:

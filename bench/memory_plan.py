@@ -1,0 +1,132 @@
+"""The memory plan against measured peak memory of real fulltune runs, on CPU.
+
+    python bench/memory_plan.py                      # every case below, one at a time
+    python bench/memory_plan.py --cases smollm2-fp32-auto qwen-fp32-auto
+
+Each case is `python train.py` (random init from the model's config, the tiny tokenizer, packed
+rows of `max_length` tokens, 3 optimizer steps, no evaluations, no checkpoints, no export) with
+the `PeakRSS` callback below: every rank resets its peak RSS just before the model is built and
+reports its growth after training. glibc's `MALLOC_MMAP_THRESHOLD_=65536` makes freed tensors
+leave RSS, so the peak is the live-tensor peak plus allocator slack. Planned = the plan's total
+without the CUDA overhead (`device="cpu"`), for the same settings. Results: docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+REPO = Path(__file__).resolve().parents[1]
+# name -> (model, precision, strategy, processes, micro-batch, max_length, LM-head chunk: 0 = full logits)
+CASES = {
+    "smollm2-fp32-auto": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024),
+    "smollm2-bf16true-auto": ("smollm2_135m", "bf16_true", "auto", 1, 4, 256, 1024),
+    "qwen-fp32-auto": ("qwen2_5_0_5b", "fp32", "auto", 1, 1, 1024, 1024),
+    "qwen-bf16true-auto": ("qwen2_5_0_5b", "bf16_true", "auto", 1, 1, 1024, 1024),
+    "smollm2-fp32-ddp": ("smollm2_135m", "fp32", "ddp", 2, 4, 256, 1024),
+    "smollm2-fp32-fsdp": ("smollm2_135m", "fp32", "fsdp", 2, 4, 256, 1024),
+    "smollm2-fp32-zero2": ("smollm2_135m", "fp32", "deepspeed_zero2", 2, 4, 256, 1024),
+    "smollm2-fp32-zero3": ("smollm2_135m", "fp32", "deepspeed_zero3", 2, 4, 256, 1024),
+    "smollm2-fp32-auto-fulllogits": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 0),
+    "qwen-fp32-auto-fulllogits": ("qwen2_5_0_5b", "fp32", "auto", 1, 1, 1024, 0),
+}
+
+
+def _status_bytes(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+class PeakRSS(L.Callback):
+    """Each rank's peak RSS growth from just before `configure_model` to the end of training, and
+    its step times, written to `<root>/peak_rss_<rank>.json`."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from fulltune.train import reset_peak_memory
+
+        reset_peak_memory()
+        self.start, self.steps = _status_bytes("VmRSS"), []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.steps.append(time.perf_counter() - self.step_start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        growth = _status_bytes("VmHWM") - self.start
+        path = Path(trainer.default_root_dir) / f"peak_rss_{trainer.global_rank}.json"
+        path.write_text(json.dumps({"rank": trainer.global_rank, "growth": growth, "steps": self.steps}))
+
+
+def overrides(model: str, precision: str, strategy: str, processes: int, batch: int, length: int,
+              chunk: int) -> list[str]:
+    return [
+        f"model={model}", f"model.loss_chunk_tokens={chunk}", "model.source=config", "model.tokenizer=tiny",
+        f"precision={precision}",
+        f"strategy={strategy}", f"trainer.devices={processes}", "trainer.accelerator=cpu", "trainer.max_steps=3",
+        "+trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false", "callbacks.model_checkpoint=null",
+        "callbacks.early_stopping=null", "callbacks.progress_bar=null", "eval.task=null", "eval.forgetting=null",
+        "export=false", "plan_check=off", "data.packing=true", f"data.max_length={length}",
+        f"data.batch_size={batch}", "+callbacks.peak_rss._target_=bench.memory_plan.PeakRSS",
+    ]
+
+
+def planned_bytes(args: list[str]) -> int:
+    """The plan (without the CUDA overhead) of the run these overrides describe."""
+    from hydra import compose, initialize_config_dir
+
+    from fulltune.launch import plan_settings, resolve_hardware
+    from fulltune.memory import build_memory_plan
+    from fulltune.preflight import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[a for a in args if not a.startswith("+")])
+    resolve_hardware(cfg)
+    arch, settings = plan_settings(cfg)
+    return build_memory_plan(arch, **settings, device="cpu").total
+
+
+def measure(name: str) -> dict:
+    args = overrides(*CASES[name])
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+        command = [sys.executable, "train.py", *args, f"hydra.run.dir={out}", f"paths.log_dir={out}"]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        ranks = [json.loads(p.read_text()) for p in Path(out).glob("peak_rss_*.json")]
+    growth = max(r["growth"] for r in ranks)
+    planned = planned_bytes(args)
+    return {"case": name, "planned_mib": planned / 2**20, "measured_mib": growth / 2**20,
+            "measured_over_planned": growth / planned, "step_s": statistics.median(ranks[0]["steps"][1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory_plan.json")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'case':30} {'planned MiB':>12} {'measured MiB':>13} {'measured/planned':>17} {'step s':>7}")
+    for name in args.cases:
+        row = measure(name)
+        rows.append(row)
+        print(f"{name:30} {row['planned_mib']:12.1f} {row['measured_mib']:13.1f} {row['measured_over_planned']:17.2f} "
+              f"{row['step_s']:7.2f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
