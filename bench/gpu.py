@@ -1,18 +1,24 @@
-"""GPU checks (issue 10 item 9), one command, a few minutes on one GPU:
+"""GPU checks (issue 10 item 9, issue 12 item 5), one command, under 8 minutes on one H100/H200:
 
     python bench/gpu.py                       # on a CUDA machine; prints markdown for docs/benchmarks.md
     python bench/gpu.py --device cpu --quick  # the same steps on CPU, to check the script (no memory column)
+    python bench/gpu.py --skip-peers          # without the peer table
 
 - memory cases: the plan against `torch.cuda.max_memory_allocated`, and the chunked label-position
-  loss against the full-logits loss it replaced, with tokens/s and MFU. Each case runs in a fresh
+  loss against the full-logits loss it replaced, with tokens/s and MFU (`fulltune.telemetry`'s
+  model FLOPs against its table of GPU peaks, as every run reports it). Each case runs in a fresh
   process (a clean peak), builds CausalLMModule from conf/model/ with random weights (memory and
   speed do not depend on the values) in its training dtype (bf16-true: bf16 from the start), and
   takes AdamW steps in Lightning's order (forward, zero_grad, backward, step). Planned =
   `build_memory_plan(...)` without its fixed CUDA overhead; measured = peak allocated minus what
-  was allocated before the model. MFU counts 6·N FLOPs per token (attention left out: it understates).
+  was allocated before the model.
 - jobs: the default job as users run it (auto devices and precision: config.yaml must say
   bf16-mixed + TF32 on sm80+), the same in fp32, and the memory gate against `mem_get_info`
   (`model=llama2_70b model.source=config` must stop in seconds with the plan).
+- peers: bench/peers.py's table (fulltune vs TRL SFTTrainer vs HF Trainer vs a plain loop, same rows,
+  tokens/s, peak memory, attention, MFU) for Qwen2.5-0.5B (random weights), bf16, packed rows of
+  2048, 2 alternating rounds; given what is left of the 8 minutes, it drops the second round
+  rather than overrun.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, SXM parts
+BUDGET_S = 480  # the whole command, on one H100/H200
 CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len, loss)
     ("smollm2_135m", "32-true", False, 4, 1024, "chunked"),
     ("smollm2_135m", "bf16-mixed", False, 4, 1024, "chunked"),
@@ -43,6 +49,13 @@ JOBS = {  # the default job as users run it (auto precision), in fp32, and the m
     "default, fp32": ["precision=fp32"],
     "gate: llama2_70b": ["model=llama2_70b", "model.source=config"],
 }
+# Qwen2.5-0.5B does ~3 GFLOP a token here (6·N of its layers, attention, the head on labels): ~1.3e5
+# tokens/s at 40% MFU, so a packed step of 8 × 2048 takes ~0.13 s and 30 steps ~4 s; each of the 8
+# runs (4 tools × 2 rounds, each a fresh process) is mostly start-up and model load, ~25 s.
+PEER_TOOLS = ["--tools", "fulltune-pack,trl-pack,hf-trainer,torch-loop,fulltune-pack-varlen"]  # varlen: flash only
+PEERS = ["--model", "qwen2_5_0_5b", "--precision", "bf16", "--max-length", "2048", "--batch", "8",
+         "--steps", "30", "--repeats", "2", *PEER_TOOLS]
+QUICK_PEERS = ["--model", "tiny", "--max-length", "256", "--steps", "3", "--repeats", "1", *PEER_TOOLS]
 
 
 def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, loss: str, device: str,
@@ -51,8 +64,9 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     from hydra import compose, initialize_config_dir
 
     from fulltune.launch import plan_settings
-    from fulltune.memory import build_memory_plan, count_params
+    from fulltune.memory import build_memory_plan
     from fulltune.module import CausalLMModule
+    from fulltune.telemetry import model_flops, peak_tflops
 
     torch.manual_seed(0)
     overrides = [f"model={model}", "model.source=config", f"model.gradient_checkpointing={checkpointing}",
@@ -91,14 +105,15 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     plan = build_memory_plan(arch, **{**settings, "device": device})
     step_s = statistics.median(times[2:] or times)
     tokens_per_s = batch * seq_len / step_s
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+    flops = model_flops(arch, batch * seq_len, batch * (seq_len - 1), seq_len, label_head=loss == "chunked")
+    peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
     return {
         "model": model, "precision": precision, "checkpointing": checkpointing, "batch": batch, "seq_len": seq_len,
         "loss": loss,
         "planned_bytes": plan.total - plan.overhead,
         "measured_bytes": torch.cuda.max_memory_allocated() - base if cuda else None,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
-        "mfu": 6 * count_params(net)[0] * tokens_per_s / peak_flops if peak_flops else None,
+        "mfu": flops / step_s / (peak * 1e12) if peak else None,
     }
 
 
@@ -135,11 +150,38 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> dict:
             "tf32": "tf32: true" in resolved, **{k: summary.get(k) for k in keys}}
 
 
+def run_peers(device: str, quick: bool, budget_s: float) -> dict:
+    """bench/peers.py in a subprocess (its children need a process each anyway): its table, summary
+    and data. A failure is a row with its last line, not the end of the checks."""
+    out = ROOT / "bench" / "results" / "gpu_peers.json"
+    cmd = [sys.executable, "bench/peers.py", "--device", device, *(QUICK_PEERS if quick else PEERS),
+           "--budget-s", f"{budget_s:.0f}", "--work", str(ROOT / ".cache" / "bench" / "gpu_peers"), "--out", str(out)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = round(time.time() - start, 1)
+    if proc.returncode:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()
+        return {"command": " ".join(cmd[1:]), "wall_s": wall, "error": " / ".join(lines[-2:])}  # the cause, and who
+    result = json.loads(out.read_text())
+    return {"command": " ".join(cmd[1:]), "wall_s": wall,
+            **{key: result[key] for key in ("setup", "device", "data", "summary", "skipped", "table")}}
+
+
+def _peers_markdown(peers: dict) -> str:
+    head = f"`python {peers['command']}`, {peers['wall_s']} s"
+    if "error" in peers:
+        return f"{head}: failed: {peers['error']}"
+    data = peers["data"]
+    notes = [f"weights {data['weights']}", f"packed attention {data['packed_attention']}",
+             f"{data['examples']} examples, mean {data['mean_length']:.0f} tokens", *peers["skipped"].values()]
+    return f"{head}, {peers['device']}; " + "; ".join(notes) + "\n\n" + peers["table"]
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(cases: list[dict], jobs: list[dict]) -> str:
+def markdown(cases: list[dict], jobs: list[dict], peers: dict | None = None) -> str:
     gib = 2**30
     rows = [
         "| model | precision | ckpt | batch × seq | loss | planned GiB | measured GiB | measured/planned | tokens/s "
@@ -171,6 +213,8 @@ def markdown(cases: list[dict], jobs: list[dict]) -> str:
                     f"{j['task/loss_before']:.3f} → {j['task/loss_after']:.3f} | {j['task/accuracy_before']:.1%} → "
                     f"{j['task/accuracy_after']:.1%} | {j['forgetting/general']:+.3f} | "
                     f"{j['peak_memory_bytes'] / gib:.2f} | {_cell(plan and plan / gib, '.2f')} |")
+    if peers:
+        rows += ["", _peers_markdown(peers)]
     return "\n".join(rows)
 
 
@@ -179,8 +223,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="one small case and model=tiny jobs (script check)")
+    parser.add_argument("--skip-peers", action="store_true", help="without bench/peers.py's table")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     args = parser.parse_args()
+    started = time.time()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -192,12 +238,19 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "cases": [run_case(case, args.device, args.steps) for case in cases],
-        "jobs": [run_job(name, overrides, extra) for name, overrides in JOBS.items()],
     }
+    sections = {"cases": time.time() - started}
+    results["jobs"] = [run_job(name, overrides, extra) for name, overrides in JOBS.items()]
+    sections["jobs"] = time.time() - started - sum(sections.values())
+    if not args.skip_peers:  # what is left of the budget, less a margin for the last table and the JSON
+        results["peers"] = run_peers(args.device, args.quick, max(BUDGET_S - (time.time() - started) - 20, 1))
+        sections["peers"] = results["peers"]["wall_s"]
+    results["seconds"] = {**{k: round(v, 1) for k, v in sections.items()}, "total": round(time.time() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"{results['device']}, torch {results['torch']}, {results['date']}\n")
-    print(markdown(results["cases"], results["jobs"]))
+    print(f"{results['device']}, torch {results['torch']}, {results['date']}; seconds {results['seconds']} "
+          f"(budget {BUDGET_S})\n")
+    print(markdown(results["cases"], results["jobs"], results.get("peers")))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class PeakRSS(L.Callback):
     its step times, written to `<root>/peak_rss_<rank>.json`."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from fulltune.train import reset_peak_memory
+        from fulltune.telemetry import reset_peak_memory
 
         reset_peak_memory()
         self.start, self.steps = _status_bytes("VmRSS"), []

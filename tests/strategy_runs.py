@@ -14,10 +14,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from fulltune.train import fit
 
 from .conftest import REPO, compose_config
 
@@ -40,6 +43,7 @@ EQUAL_RUN = [
     "+callbacks.step_loss._target_=tests.strategy_runs.StepLoss",
 ]
 TOLERANCE = 1e-5  # what "equal" means for losses and weights between two runs
+EXACT = 1e-6  # what "resumed exactly" means: a resumed run against one that never stopped
 _ROOT: list[Path] = []
 _RUNS: dict[str, Path] = {}
 
@@ -106,17 +110,27 @@ def train_command(out_dir: Path, cache_dir: Path, overrides: list[str]) -> list[
             f"hydra.run.dir={out_dir}"]
 
 
-def run_command(command: list[str], timeout: int = 300) -> str:
-    """Run a command from the repo root to success and return its output. It runs in its own process
-    group, so on a timeout the ranks it started are killed with it instead of waiting in collectives."""
-    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+def start_command(command: list[str]) -> subprocess.Popen:
+    """Start a command from the repo root in its own process group (the ranks it starts join it)."""
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_command(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
+    """Its exit status and output; on a timeout its whole process group is killed instead of left
+    waiting in collectives."""
     try:
         output = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0]
-    assert proc.returncode == 0, output[-4000:]
+    return proc.returncode, output
+
+
+def run_command(command: list[str], timeout: int = 300) -> str:
+    """Run a command to success and return its output."""
+    code, output = wait_command(start_command(command), timeout)
+    assert code == 0, output[-4000:]
     return output
 
 
@@ -135,6 +149,16 @@ def strategy_run(tmp_path_factory, cache_dir: Path, strategy: str, *extra: str) 
                      "trainer.devices=2", *extra]
         _RUNS[key] = run_train(out, cache_dir, overrides)
     return _RUNS[key]
+
+
+def single_device_run(tmp_path_factory, cache_dir: Path) -> Path:
+    """The shared run of EQUAL_RUN in one process with the 2 ranks' rows (16), in-process: equal to ddp."""
+    if "single" not in _RUNS:
+        out = root(tmp_path_factory) / "single"
+        fit(compose_config([*EQUAL_RUN, *from_pretrained(tmp_path_factory, cache_dir), "data.batch_size=16"],
+                           out, cache_dir))
+        _RUNS["single"] = out
+    return _RUNS["single"]
 
 
 def hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -163,3 +187,22 @@ def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
     weight_gap = max_abs_diff(hf_weights(reference / "hf"), hf_weights(run_dir / "hf"))
     print(f"{label}: max |loss - reference| = {loss_gap:.2e}, max |weight - reference| = {weight_gap:.2e}")
     assert loss_gap <= TOLERANCE and weight_gap <= TOLERANCE
+
+
+def assert_resumed_exactly(reference: Path, run_dir: Path, from_step: int, label: str) -> None:
+    """The resumed segment's per-step losses equal the reference's from `from_step` on; same final weights."""
+    expected, got = step_losses(reference)["steps"][from_step:], step_losses(run_dir)["steps"]
+    loss_gap = max(abs(a - b) for a, b in zip(expected, got, strict=True))
+    weight_gap = max_abs_diff(hf_weights(reference / "hf"), hf_weights(run_dir / "hf"))
+    print(f"{label}: resumed steps {from_step + 1}-{from_step + len(got)}: max |loss - uninterrupted| = "
+          f"{loss_gap:.1e}, max |weight - uninterrupted| = {weight_gap:.1e}")
+    assert loss_gap <= EXACT and weight_gap <= EXACT
+
+
+def wait_for(path: Path, proc, timeout: float = 240) -> None:
+    """Until the run being watched writes `path` (it is held there by tests.faults.HoldAtStep)."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.time() < deadline, f"no {path}"
+        time.sleep(0.1)

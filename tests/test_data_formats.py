@@ -188,7 +188,7 @@ def test_csv_parquet_txt_and_json_sources_read_with_their_locations(tmp_path):
     assert rows == [{"text": "one", "label": 0}, {"text": "two", "label": 1}]
     txt = tmp_path / "corpus.txt"
     txt.write_text("first doc\nstill first\n\nsecond doc\n\n\nthird\n")
-    rows, _ = load_rows({"format": "text"}, str(txt), None, "stop")
+    rows, _ = load_rows({"format": "text", "sample_by": "paragraph"}, str(txt), None, "stop")
     assert [r["text"] for r in rows] == ["first doc\nstill first", "second doc", "third"]
     array = tmp_path / "rows.json"
     array.write_text('[{"text": "a"}, {"text": 3}]')

@@ -32,7 +32,7 @@ def test_every_data_config_builds_batches_of_the_contract(tok, cache_dir, tmp_pa
     loader = dm.train_dataloader()
     assert len(loader) == dm.num_train_batches(1) > 0
     batch = next(iter(loader))
-    keys = {"input_ids", "labels", "position_ids", "window_label_tokens", "nonpad_fraction"}
+    keys = {"input_ids", "labels", "position_ids", "window_label_tokens", "nonpad_fraction", "num_examples"}
     assert set(batch) == keys | (set() if dm.packing else {"attention_mask"})
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
     assert batch["input_ids"].shape[0] <= cfg.data.batch_size and batch["input_ids"].shape[1] <= cfg.data.max_length
@@ -53,7 +53,9 @@ def test_demo_config_mixes_replay_and_validates_it_separately(tok, cache_dir, tm
     assert stats["sources"]["dates"]["epoch_samples"] == 2000 and stats["sources"]["prose"]["epoch_samples"] == 222
     assert abs(stats["replay_fraction_samples"] - cfg.data.replay_ratio) < 1 / 2222
     task_val, replay_val = dm.val_dataloader()
-    for loader, size in ((task_val, 100), (replay_val, 100)):
+    prose = stats["sources"]["prose"]
+    assert prose["val_documents"] == 100 and prose["val_examples"] > 100  # long prose chunked, not cut
+    for loader, size in ((task_val, 100), (replay_val, prose["val_examples"])):
         batches = list(loader)
         assert sum(b["input_ids"].shape[0] for b in batches) == size
         assert all(b["window_label_tokens"] == (b["labels"][:, 1:] != -100).sum() for b in batches)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from types import SimpleNamespace
 
@@ -17,30 +18,39 @@ from fulltune.train import fit
 from .conftest import REPLAY, TINY_FAST, compose_config
 
 
-def test_forgetting_is_logged_at_every_validation_and_written_to_the_summary(tiny_cfg, tmp_path):
+def test_forgetting_is_logged_at_every_validation_and_written_to_the_summary(tiny_cfg, tmp_path, caplog):
+    """The default sets: `general`, held-out text nothing trains on, and `replay`, the replay split
+    (in-distribution), each logged, summarised and named for what it is in the printed summary."""
     cfg = tiny_cfg(REPLAY, "trainer.max_steps=4", "trainer.val_check_interval=2", "finetune.lr=3e-3",
                    "eval.task=null", f"eval.forgetting.cache_dir={tmp_path}/forgetting_cache")
-    summary = fit(cfg)
+    with caplog.at_level(logging.INFO):
+        summary = fit(cfg)
 
-    before, after = summary["forgetting/general_loss_before"], summary["forgetting/general_loss_after"]
-    assert summary["forgetting/general"] == pytest.approx(after - before)  # > 0: worse than before
-    assert summary["forgetting/general_ppl_after"] == pytest.approx(math.exp(after))
+    for name in ("general", "replay"):
+        before, after = summary[f"forgetting/{name}_loss_before"], summary[f"forgetting/{name}_loss_after"]
+        assert summary[f"forgetting/{name}"] == pytest.approx(after - before)  # > 0: worse than before
+        assert summary[f"forgetting/{name}_ppl_after"] == pytest.approx(math.exp(after))
     assert json.loads((tmp_path / "summary.json").read_text())["forgetting/general"] == summary["forgetting/general"]
+    assert summary["forgetting/general_loss_before"] != summary["forgetting/replay_loss_before"]
+    assert "forgetting/general: loss" in caplog.text and "never trained on" in caplog.text
+    assert "in-distribution replay loss" in caplog.text
 
     with open(tmp_path / "csv" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("forgetting/general")]
-    at_validation = [r for r in rows if r.get("forgetting/general_loss")]
+        rows = [r for r in csv.DictReader(f) if r.get("forgetting/replay")]
+    at_validation = [r for r in rows if r.get("forgetting/replay_loss")]
     assert len(at_validation) == 2  # val_check_interval=2 over 4 steps
+    before = summary["forgetting/replay_loss_before"]
     for r in at_validation:
-        now = float(r["forgetting/general_loss"])
-        assert float(r["forgetting/general"]) == pytest.approx(now - before, abs=1e-5)
+        now = float(r["forgetting/replay_loss"])
+        assert float(r["forgetting/replay"]) == pytest.approx(now - before, abs=1e-5)
         assert now == pytest.approx(float(r["val/replay_loss"]), abs=1e-5)  # the same held-out replay text
-    assert float(rows[-1]["forgetting/general_loss_after"]) == pytest.approx(after)  # the end-of-run row
+        assert r["forgetting/general_loss"]
+    assert float(rows[-1]["forgetting/replay_loss_after"]) == pytest.approx(summary["forgetting/replay_loss_after"])
 
 
 def test_every_kind_of_set_gives_the_same_tokens_for_the_same_text(tiny_cfg):
     """`{source: replay}`, the same file as `{path: ...}`: identical batches (so identical losses);
-    `{builtin: python_docs}`: general English, with no setup."""
+    `{builtin: python_docs}`: general English, with no setup, chunked up to its token budget."""
     from hydra.utils import instantiate
 
     from fulltune.models import load_tokenizer
@@ -51,8 +61,9 @@ def test_every_kind_of_set_gives_the_same_tokens_for_the_same_text(tiny_cfg):
     by_source = heldout_loader(datamodule, {"source": "replay"})
     by_file = heldout_loader(datamodule, {"path": f"{cfg.paths.data_dir}/demo/prose_val.jsonl", "format": "text"})
     assert cache_key(cfg.model, "32-true", by_source) == cache_key(cfg.model, "32-true", by_file)
-    docs = heldout_loader(datamodule, {"builtin": "python_docs", "rows": 20})
-    assert sum(len(b["input_ids"]) for b in docs) == 20
+    docs = heldout_loader(datamodule, {"builtin": "python_docs", "take_tokens": 3000})
+    assert sum(int(b["attention_mask"].sum()) for b in docs) == 3000
+    assert max(b["input_ids"].shape[1] for b in docs) == datamodule.max_length  # long paragraphs: windows
 
 
 def test_pretrained_evaluation_is_computed_once_and_reused(tmp_path, cache_dir):

@@ -72,6 +72,16 @@ def test_the_seed_card_recipe_runs_on_data_smaller_than_its_intervals(tmp_path, 
     assert summary["global_step"] > 0
 
 
+def test_mixed_precision_with_clipping_steps_foreach_not_fused(tiny_cfg):
+    """Lightning's mixed-precision plugin refuses to clip gradients for a fused AdamW step, the
+    default optimizer: under bf16-mixed (what `precision: auto` picks on a GPU) the step is foreach."""
+    cfg = tiny_cfg("precision=bf16_mixed", "trainer.max_steps=2", "eval.forgetting=null", "eval.task=null",
+                   "export=false")
+    resolve_hardware(cfg)
+    assert cfg.trainer.gradient_clip_val > 0 and not cfg.optimizer.fused and cfg.optimizer.foreach
+    assert fit(cfg)["global_step"] == 2
+
+
 def test_a_run_that_cannot_fit_stops_in_seconds_with_the_plan():
     """70B from config on this 24 GB machine would try to allocate ~1 TB; the gate stops it first."""
     start = time.time()

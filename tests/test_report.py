@@ -35,13 +35,13 @@ def test_report_renders_the_comparison_table_and_plots(multirun_dir, tmp_path, c
 
     table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0] == ("| method | run | trainable params | peak memory | throughput | task accuracy "
-                        "| forgetting: general |")
+                        "| forgetting: general | forgetting: replay |")
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[1:]]
     assert [row[:2] for row in rows] == [["full FT", "lr=0.001"], ["full FT", "lr=0.003"],
                                          ["LoRA (r=16)", "lr=0.001"], ["LoRA (r=16)", "lr=0.003"]]
     assert rows[0][2].endswith("(100.0%)") and not rows[2][2].endswith("(100.0%)")
     assert all(r[3].endswith(" GiB") and r[4].endswith(" tokens/s") and "% → " in r[5] for r in rows)
-    assert all(float(r[6]) != 0 for r in rows)  # forgetting measured, signed
+    assert all(float(r[6]) != 0 and float(r[7]) != 0 for r in rows)  # both sets measured, signed
 
     for png in ("loss_curves.png", "task_vs_forgetting.png"):
         height, width, _ = imread(tmp_path / png).shape

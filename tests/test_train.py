@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from fulltune.module import CausalLMModule
+from fulltune.safe_load import load_checkpoint_file
 from fulltune.train import fit
 
 from .conftest import REPO
@@ -30,7 +31,7 @@ def test_tiny_run_learns_and_exports_the_trained_weights(tiny_cfg, tmp_path):
     assert run_cfg.model.name == "tiny" and "torch" in run_cfg.run.versions and run_cfg.run.git_sha
 
     # Exported HF dir == the weights of the last checkpoint, through plain transformers.
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")  # weights_only=True: a resume runs no code
     module = CausalLMModule(model=cfg.model, optimizer=None)
     module.configure_model()
     module.load_state_dict(ckpt["state_dict"])

@@ -17,6 +17,7 @@ from fulltune.loggers import wandb_credentials_found
 from .test_sweeps import read_csv, run_multirun
 
 WANDB = str(Path(sys.executable).parent / "wandb")
+SECRET = "hf_probeSECRETvalue0123456789"
 
 
 def read_offline_run(job_dir: Path) -> tuple[dict, dict]:
@@ -35,7 +36,8 @@ def test_optuna_trials_each_log_an_offline_wandb_run_with_config_and_summary(tmp
         sweep_dir, cache_dir, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "logger=wandb",
         "logger.wandb.group=optuna test", "tags=[wandb test]",
         "eval.task.batch_size=${hydra:job.num}",  # trial 0 fails inside fit (a zero batch size), after W&B started
-        env={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "HOME": str(tmp_path)},  # no account anywhere
+        "+model.hub_token=${oc.env:HF_TOKEN}",  # a secret from the environment, in the config
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "HOME": str(tmp_path), "HF_TOKEN": SECRET},  # no account
     )
 
     assert result.returncode == 0, result.stderr[-4000:]  # the failed trial did not end the search
@@ -43,6 +45,10 @@ def test_optuna_trials_each_log_an_offline_wandb_run_with_config_and_summary(tmp
         "optimizer.lr", "scheduler.warmup_ratio"}
     jobs = read_csv(sweep_dir / "summary.csv")
     assert [j["status"] for j in jobs] == ["failed", "ok", "ok"] and jobs[0]["error"].startswith("ValueError")
+
+    written = [p for p in sweep_dir.rglob("*") if p.is_file()]  # configs, hparams, logs, the W&B runs (.wandb)
+    assert sum(p.suffix == ".wandb" for p in written) == 3
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []  # checkpoints: test_security
 
     runs = [read_offline_run(sweep_dir / j["dir"]) for j in jobs]
     assert len({state["run_id"] for state, _ in runs}) == 3  # one W&B run per job, not one for the sweep
@@ -54,6 +60,7 @@ def test_optuna_trials_each_log_an_offline_wandb_run_with_config_and_summary(tmp
         assert record["run_group"] == "optuna test" and state["tags"] == ["wandb test"]
         resolved = OmegaConf.to_container(OmegaConf.load(sweep_dir / job["dir"] / "config.yaml"))
         resolved.pop("run")  # git SHA and versions, stored beside the config
+        assert resolved["model"]["hub_token"] == "<redacted>"
         assert {k: state["config"][k] for k in resolved} == resolved  # nested and resolved, model included
         summary = json.loads((sweep_dir / job["dir"] / "summary.json").read_text())
         for key, value in summary.items():

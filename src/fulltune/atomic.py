@@ -36,3 +36,42 @@ def publish_dir(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except OSError:  # another process published it first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk, so a rename that publishes it survives a machine crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move the finished file or directory `src` to `dst` in one rename. A directory `dst` that exists
+    is first renamed aside (a hidden `.<name>.old`) and removed after: at no moment does `dst` name a
+    mix of old and new files."""
+    if src.is_file():
+        fsync_file(src)
+    if dst.is_dir() and not dst.is_symlink():
+        aside = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or directory in one rename first (to a hidden `.<name>.deleting`), so a crash while a
+    large directory is deleted never leaves half of it under its real name."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+    else:
+        path.unlink()

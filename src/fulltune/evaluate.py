@@ -14,8 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
 
+from fulltune.preflight import ConfigError
 from fulltune.strategies import FSDP2Strategy
 
 
@@ -155,8 +155,8 @@ class BeforeAfterEvaluation(L.Callback):
         """Results computed from the before and after scores (none by default)."""
         return {}
 
-    def describe(self, after: dict[str, float]) -> str:
-        raise NotImplementedError
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Raise ConfigError, before training starts, when the data cannot feed this evaluation."""
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -168,7 +168,6 @@ class BeforeAfterEvaluation(L.Callback):
         self.results.update(self.derived(after))
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)
-        rank_zero_info(self.describe(after))
 
     def state_dict(self) -> dict:
         return {"results": self.results}
@@ -189,6 +188,13 @@ class TaskEvaluation(BeforeAfterEvaluation):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
 
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        if "task" not in datamodule.val_source_names:  # val_dataloader()[0] would be replay text, or nothing
+            raise ConfigError(
+                "eval.task scores the task's validation split, and no data.task source has one: give a task "
+                "source val_path: FILE (or val_size: N to hold out N of its rows), or drop this evaluation "
+                "with eval.task=null")
+
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         datamodule, share = trainer.datamodule, RankShare.of(trainer)
         loss = mean_token_loss(module, datamodule.val_dataloader()[0], share)
@@ -199,7 +205,3 @@ class TaskEvaluation(BeforeAfterEvaluation):
                 self.batch_size, datamodule.stop_token_ids, share,
             )
         return {"loss": loss, "accuracy": exact_match(predictions, [e["answer"] for e in examples])}
-
-    def describe(self, after: dict[str, float]) -> str:
-        return "task {:>8} {:>8}\n  loss {loss_before:8.4f} {loss_after:8.4f}\n  acc  {accuracy_before:8.1%} " \
-            "{accuracy_after:8.1%}".format("before", "after", **{k.split("/")[1]: v for k, v in self.results.items()})

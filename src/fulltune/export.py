@@ -22,6 +22,7 @@ import copy
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fulltune.preflight import ConfigError
+from fulltune.safe_load import load_checkpoint_file
 
 MODEL_PREFIX = "model."  # CausalLMModule keeps the HF model in `self.model`
 SHARD_BYTES = 5 * 10**9  # HF's default `max_shard_size="5GB"`
@@ -61,12 +63,20 @@ class ExportAtTrainEnd(L.Callback):
     ) -> None:
         export_dtype(dtype, "32-true")  # an unknown value fails now, not after training
         self.out_dir, self.tokenizer, self.dtype, self.eos_token_ids = Path(out_dir), tokenizer, dtype, eos_token_ids
+        self.seconds = 0.0  # how long the export took (summary.json's time_s.export)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.export(trainer, module.model)
         trainer.strategy.barrier("export")  # no rank runs ahead into teardown while rank 0 still writes
 
     def export(self, trainer: L.Trainer, model: nn.Module) -> Path:
+        started = time.perf_counter()
+        try:
+            return self._export(trainer, model)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _export(self, trainer: L.Trainer, model: nn.Module) -> Path:
         """Every rank makes the same gathers in the same order (they are collectives); rank 0 alone
         keeps each full tensor, for the shard it is writing. Also callable after `fit` for a model
         whose weights are whole on rank 0 (a merged LoRA model)."""
@@ -127,11 +137,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[st
     path = Path(path)
     kind = checkpoint_format(path)
     if kind == "lightning":
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = load_checkpoint_file(path, map_location="cpu", mmap=True)
         state = ckpt["state_dict"]
         return ckpt["hyper_parameters"], _model_tensors({k: (lambda k=k: state[k]) for k in state})
     if kind == "dcp":
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        meta = load_checkpoint_file(path / "meta.pt", map_location="cpu")
         return meta["hyper_parameters"], _dcp_tensors(path)
     return _deepspeed_checkpoint(path)
 
@@ -140,7 +150,7 @@ def _model_tensors(loaders: dict[str, Callable[[], torch.Tensor]]) -> Iterator[t
     """Keep the HF model's entries, named as HF names them; refuse what a plain HF dir cannot hold."""
     for key, load in loaders.items():
         if not key.startswith(MODEL_PREFIX):
-            continue  # module buffers such as tokens_seen
+            continue  # the module's own state, such as a regularizer's anchor
         if "lora_" in key or ".base_layer." in key:
             raise ValueError("a LoRA checkpoint: load it into CausalLMModule and export the merged model "
                              "(fulltune.finetune.merged_for_export); this converter writes plain weights only")
@@ -189,7 +199,9 @@ def hf_config(spec: DictConfig) -> Any:
 
     from fulltune.models import architecture_config, resolve_weights
 
-    return architecture_config(spec) if spec.source == "config" else AutoConfig.from_pretrained(resolve_weights(spec))
+    if spec.source == "config":
+        return architecture_config(spec)
+    return AutoConfig.from_pretrained(resolve_weights(spec), trust_remote_code=bool(spec.get("trust_remote_code")))
 
 
 def tied_copies(config: Any) -> set[str]:

@@ -55,7 +55,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return name, module
-    raise ConfigError(f"finetune=freeze: found no list of {depth} decoder layers in {type(model).__name__}")
+    raise ConfigError(f"found no list of {depth} decoder layers in {type(model).__name__} (finetune=freeze and "
+                      "model.compile need one)")
 
 
 def freeze_except(model: nn.Module, top_layers: int, modules: list[str]) -> nn.Module:

@@ -33,14 +33,16 @@ from fulltune.atomic import write_text
 from fulltune.evaluate import mean_token_loss
 from fulltune.preflight import ConfigError
 
+SPREAD = 64  # the builtin set's order: every 64th paragraph, then the next...: any prefix spans all topics
 
-def python_docs_file(directory: Path, rows: int) -> Path:
-    """Natural English that nothing in fulltune trains on, available offline: `rows` prose paragraphs
-    (spread over all topics) of Python's reference manual, from the stdlib's `pydoc_data` (PSF
-    license), written once as a jsonl text file."""
+
+def python_docs_file(directory: Path, rows: int | None = None) -> Path:
+    """Natural English that nothing in fulltune trains on, available offline: the prose paragraphs of
+    Python's reference manual, from the stdlib's `pydoc_data` (PSF license), written once as a jsonl
+    text file; all of them in an order that spreads every prefix over all topics, or `rows` of them."""
     import pydoc_data.topics
 
-    path = directory / f"python_docs-{rows}.jsonl"
+    path = directory / f"python_docs-{rows or 'all'}.jsonl"
     if path.exists():
         return path
     paragraphs = []
@@ -51,9 +53,12 @@ def python_docs_file(directory: Path, rows: int) -> Path:
             if not block.startswith((" ", "\t")) and len(text) >= 200 and text[0].isalpha() and (
                     "::=" not in text and ">>>" not in text):
                 paragraphs.append(text)
-    if len(paragraphs) < rows:
+    if rows is None:
+        picked = [p for k in range(SPREAD) for p in paragraphs[k::SPREAD]]
+    elif len(paragraphs) < rows:
         raise ConfigError(f"builtin set python_docs: rows={rows}, but this Python has {len(paragraphs)} paragraphs")
-    picked = paragraphs[:: len(paragraphs) // rows][:rows]
+    else:
+        picked = paragraphs[:: len(paragraphs) // rows][:rows]
     write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in picked))
     return path
 
@@ -62,15 +67,18 @@ def heldout_loader(datamodule: Any, spec: Mapping) -> Iterable:
     """Batches of original-task data named by `spec`:
 
     - `{source: NAME}`: the data module's validation loader of that source group (e.g. `replay`);
-    - `{path: FILE, format: text, ...}` (any data-source keys): the whole file, tokenized, cached and
-      batched exactly like the validation data;
-    - `{builtin: python_docs, rows: N}`: N paragraphs of Python's reference manual (general English).
+    - `{path: FILE, format: text, ...}` (any data-source keys): the file, tokenized, cached, chunked
+      like replay text and batched like the validation data; `take_tokens: N` measures its first N tokens;
+    - `{builtin: python_docs, take_tokens: N}` (or `rows: N` paragraphs): Python's reference manual,
+      general English that no fulltune data trains on.
     """
     if "builtin" in spec:
         if spec["builtin"] != "python_docs":
             raise ConfigError(f"original-task data {dict(spec)}: the only builtin set is python_docs")
         directory = Path(datamodule.cache_dir) / "forgetting_sets"
-        spec = {"name": "python_docs", "path": str(python_docs_file(directory, spec.get("rows", 64))), "format": "text"}
+        path = python_docs_file(directory, spec.get("rows"))
+        spec = {"name": "python_docs", "path": str(path), "format": "text",
+                **{k: v for k, v in spec.items() if k not in ("builtin", "rows")}}
     if "source" in spec:
         names = list(datamodule.val_source_names)
         if spec["source"] not in names:
@@ -82,15 +90,18 @@ def heldout_loader(datamodule: Any, spec: Mapping) -> Iterable:
         return datamodule.val_dataloader()[names.index(spec["source"])]
     if "path" not in spec:
         raise ConfigError(f"original-task data {dict(spec)}: give either `source` or `path` (+ `format`)")
-    from fulltune.data import FineTuneDataModule
+    return datamodule.heldout_loader(dict(spec), f"eval.forgetting.sets: {dict(spec)}")
 
-    # The file is the validation split of a one-source module; `limit: 1` keeps its train split trivial.
-    source = {"name": Path(str(spec["path"])).stem, **spec, "val_path": spec["path"], "limit": 1}
-    held_out = FineTuneDataModule(
-        datamodule.tokenizer, task=[source], max_length=datamodule.max_length, packing=datamodule.packing,
-        eval_batch_size=datamodule.eval_batch_size, cache_dir=str(datamodule.cache_dir),
-    )
-    return held_out.val_dataloader()[0]
+
+def describe_set(spec: Mapping) -> str:
+    """What a set measures, for the printed summary: held-out text, or in-distribution loss."""
+    if "builtin" in spec:
+        return "held-out general text (Python's reference manual), never trained on"
+    if spec.get("source") == "replay":
+        return "the replay validation split: in-distribution replay loss (replay trains towards it)"
+    if "source" in spec:
+        return f"the {spec['source']} validation split"
+    return f"held-out file {spec['path']}"
 
 
 def cache_key(spec: DictConfig, precision: str, loader: Iterable) -> str:
@@ -185,7 +196,7 @@ class ForgettingEvaluation(L.Callback):
             logger.log_metrics(self.results, step=trainer.global_step)
         rank_zero_info("\n".join(
             f"forgetting/{name}: loss {before:.4f} -> {now[f'forgetting/{name}_loss']:.4f} "
-            f"(forgetting {now[f'forgetting/{name}']:+.4f}; > 0 is worse)"
+            f"(forgetting {now[f'forgetting/{name}']:+.4f}; > 0 is worse) on {describe_set(self.sets[name])}"
             for name, before in self.before.items() if name in self.loaders
         ))
 

@@ -53,6 +53,3 @@ class HarnessEvaluation(BeforeAfterEvaluation):
 
     def derived(self, after: dict[str, float]) -> dict[str, float]:
         return {f"forgetting/{k}": self.results[f"harness/{k}_before"] - v for k, v in after.items()}
-
-    def describe(self, after: dict[str, float]) -> str:
-        return "\n".join(f"harness {k}: {self.results[f'harness/{k}_before']:.4f} -> {v:.4f}" for k, v in after.items())

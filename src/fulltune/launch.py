@@ -71,6 +71,14 @@ def resolve_hardware(cfg: DictConfig) -> None:
                      f" (planned for {cfg.gpu})" if cfg.dry_run else "")
         if cfg.precision.tf32 == "auto":
             cfg.precision.tf32 = tf32 and torch.cuda.is_available()
+        clipped = (cfg.trainer.gradient_clip_val or 0) > 0
+        if (cfg.precision.value.endswith("-mixed") and clipped and cfg.optimizer.get("fused")
+                and not cfg.strategy.name.startswith("deepspeed")):
+            # Lightning's mixed-precision plugin refuses to clip gradients for a fused step (it would
+            # unscale fp16 gradients inside the step); foreach is torch's CUDA default, and the plan's
+            cfg.optimizer.fused, cfg.optimizer.foreach = False, True  # step line follows this choice
+            log.info("optimizer: foreach AdamW step (%s with gradient clipping cannot step fused)",
+                     cfg.precision.value)
 
 
 def plan_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:

@@ -59,7 +59,10 @@ OPTIMIZERS: dict[str, tuple[int, int | None]] = {
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-quantised absmax per 64 weights
 CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
-DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size in elements; overlap_comm (stage 3) keeps two
+# DeepSpeed's reduce_bucket_size in elements (fulltune passes its own ZeRO config, so DeepSpeed's defaults
+# hold, not Lightning's 2e8): one contiguous-gradients buffer at every stage (ZeRO-1/2 would double it with
+# overlap_comm, off by default there). `torch.empty`: a GPU holds it all, CPU RSS only the pages written.
+DEEPSPEED_BUCKET = 500_000_000
 # Bytes per token per decoder layer saved around the two RMSNorms: fp32 keeps x, x*rsqrt and the output;
 # 16-bit weights keep an fp32 upcast plus 16-bit normalised input and output; autocast keeps x and
 # x*rsqrt in fp32 and casts the input of q, k, v, gate, up to 16 bit separately (5 x 2 B).
@@ -368,7 +371,7 @@ def build_memory_plan(
     if strategy == "ddp":
         buffers = trainable * grad_b  # DDP buckets: a second gradient copy unless gradient_as_bucket_view
     elif strategy.startswith("deepspeed"):
-        buffers = (2 if stage == 3 else 1) * min(DEEPSPEED_BUCKET, trainable) * grad_b
+        buffers = (DEEPSPEED_BUCKET if device == "cuda" else min(DEEPSPEED_BUCKET, trainable)) * grad_b
     else:
         buffers = 0
     method = _method(total, trainable, lora_rank, quantize_base)
@@ -490,7 +493,7 @@ def _notes(
         "optimizer_states": shard if stage >= 1 else "full",
         "regularizer": f"{copies} copies of the trainable params, sharded like them",
         "buffers": "DDP gradient buckets" if strategy == "ddp"
-        else f"DeepSpeed reduce bucket{'s x 2' if stage == 3 else ''}, <= 5e8 elements",
+        else "DeepSpeed contiguous-gradients reduce bucket, 5e8 elements",
         "activations": f"{recomputed}, {layer / GiB:.3f} GiB/layer ({mode}, {tokens} tokens)",
         "overhead": "fixed estimate",
     }

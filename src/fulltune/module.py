@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from fulltune.finetune import apply_finetune
+from fulltune.finetune import apply_finetune, decoder_layers
 from fulltune.loss import LabelLossHead, full_logits_loss_sum, install_label_loss_head
 from fulltune.models import build_model, resolve_weights
 from fulltune.optim import param_groups
@@ -40,7 +40,6 @@ class CausalLMModule(L.LightningModule):
         self.finetune = finetune
         self.regularizer = regularizer  # a penalty towards the pretrained weights (EWC, L2-SP), or None
         self.model: torch.nn.Module | None = None
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
 
     def configure_model(self) -> None:
         """Build (and under FSDP, shard) the model once the strategy is set up.
@@ -59,6 +58,9 @@ class CausalLMModule(L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         install_label_loss_head(model, self.spec.loss_chunk_tokens)
         model = apply_finetune(model, self.finetune)
+        if self.spec.get("compile"):  # one compiled graph per decoder layer: the layers share it, and it
+            for layer in decoder_layers(model)[1]:  # compiles in seconds where the whole model takes minutes
+                layer.compile()
         if fsdp:
             strategy.shard(model)
         if on_meta:
@@ -92,7 +94,6 @@ class CausalLMModule(L.LightningModule):
         # Lightning divides by accumulate_grad_batches and DDP averages over ranks, so scale back up.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
         window = batch.get("window_label_tokens", n_tokens * scale)
-        self.tokens_seen += (batch["nonpad_fraction"] * batch["input_ids"].numel()).round().long()
         self.log("train/loss", loss_sum / n_tokens.clamp(min=1), prog_bar=True)
         self.log("train/nonpad_fraction", batch["nonpad_fraction"])
         loss = loss_sum * scale / window.clamp(min=1)

@@ -6,9 +6,14 @@ Each failure is one `ConfigError` naming the key and the fix, never a stack trac
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -22,7 +27,8 @@ def config_groups() -> set[str]:
 
 
 def check_override_keys(overrides: list[str]) -> None:
-    """Fail on `key=value` overrides whose key does not exist, naming the closest valid keys.
+    """Fail on `key=value` overrides whose key does not exist, and on `group=option` overrides whose
+    option does not, naming the closest valid ones.
 
     Hydra alone says only "Key 'x' is not in struct"; group options it already lists.
     """
@@ -31,6 +37,9 @@ def check_override_keys(overrides: list[str]) -> None:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     groups = config_groups()
+    for o in parsed:
+        if o.key_or_group in groups and not o.is_delete() and not o.key_or_group.startswith("hydra"):
+            check_group_option(o)
     selections = [
         f"{o.get_key_element()}={next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value()}"
         for o in parsed
@@ -60,6 +69,28 @@ def check_override_keys(overrides: list[str]) -> None:
         )
 
 
+def check_group_option(override: Override) -> None:
+    """`group=option` names a file conf/<group>/<option>.yaml (each one, for a choice sweep): Hydra would
+    say so only after a stack of its own frames, with exit code 1."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.value_type == ValueType.ELEMENT:
+        values = [override.value()]
+    elif override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+        values = list(override.sweep_string_iterator())
+    else:
+        return  # glob and range sweeps: Hydra expands them
+    group = override.key_or_group
+    options = sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix()
+                     for p in (CONF_DIR / group).rglob("*.yaml") if not p.name.startswith("_"))
+    for value in values:
+        if value is not None and str(value) not in ("null", *options):
+            close = difflib.get_close_matches(str(value), options, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{group}={value}: no such option (no conf/{group}/{value}.yaml).{hint} "
+                              f"Available options: {', '.join(options)}.")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Seconds-long checks before data or weights load."""
     import importlib.util
@@ -71,6 +102,19 @@ def preflight(cfg: DictConfig) -> None:
             "eval=harness needs lm-eval-harness, which is not installed: `pip install 'fulltune[eval]'`, "
             "or drop it with eval=default."
         )
+
+    attention = str(cfg.model.get("attn_implementation") or "")
+    if cfg.data.get("packing") and "flash" in attention and cfg.data.batch_size > 1:
+        raise ConfigError(
+            f"model.attn_implementation={attention} with data.packing=true and data.batch_size="
+            f"{cfg.data.batch_size}: transformers finds the examples of a packed row from its position ids "
+            "only when a micro-batch is one row, so these rows would attend across examples. Use "
+            "model.attn_implementation=sdpa (its block-diagonal mask keeps them apart), or data.batch_size=1 "
+            "with a longer data.max_length.")
+    check_devices(cfg.trainer)
+    if not cfg.get("dry_run"):
+        for key in ("paths.output_dir", "paths.cache_dir"):
+            check_writable(key, OmegaConf.select(cfg, key))
 
     precision = cfg.precision.value
     if precision.startswith("16") and not torch.cuda.is_available():
@@ -85,3 +129,36 @@ def preflight(cfg: DictConfig) -> None:
                 f"precision={precision} needs an sm80+ GPU (A100/H100/...); this GPU is sm{major}x. "
                 "Use precision=fp16_mixed or precision=fp32."
             )
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """GPUs asked for exist: Lightning would say so only after the data and the model were set up."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if trainer.accelerator in ("gpu", "cuda") and not visible:
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Run on a GPU node, or "
+            "use trainer.accelerator=auto (or cpu)."
+        )
+    devices = trainer.devices
+    if visible and trainer.accelerator in ("auto", "gpu", "cuda") and isinstance(devices, int) and devices > visible:
+        raise ConfigError(
+            f"trainer.devices={devices} but {visible} GPU(s) are visible on this node. Set trainer.devices="
+            f"{visible} (or auto: every visible GPU); for more, add nodes with trainer.num_nodes."
+        )
+
+
+def check_writable(key: str, path: str) -> None:
+    """A directory the run will write (or create) is writable by this user: otherwise the run would
+    stop only at its first save, after the data was tokenized and the weights loaded."""
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path}: {existing} is a file, not a directory. Point {key} at a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise ConfigError(
+            f"{key}={path}: {existing} is not writable by this user (read-only or someone else's). Point {key} "
+            "at a writable directory, or fix its permissions."
+        )

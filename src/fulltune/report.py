@@ -56,16 +56,18 @@ def method_label(finetune: Mapping[str, Any]) -> str:
 
 
 def read_history(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """The loss curves of a run from its CSVLogger file (rows hold only what was logged at that step)."""
-    history: dict[str, list[tuple[int, float]]] = {}
+    """The loss curves of a run from its CSVLogger file (rows hold only what was logged at that step).
+    A resumed run's file holds each segment in turn, and the steps an interrupted segment ran past its
+    last checkpoint twice: the later row (the segment that went on) is the one kept, so it reads as one curve."""
+    history: dict[str, dict[int, float]] = {}
     if not metrics_csv.exists():
-        return history
+        return {}
     with metrics_csv.open() as f:
         for row in csv.DictReader(f):
             for key in LOSS_KEYS:
                 if row.get(key):
-                    history.setdefault(key, []).append((int(row["step"]), float(row[key])))
-    return history
+                    history.setdefault(key, {})[int(row["step"])] = float(row[key])
+    return {key: sorted(points.items()) for key, points in history.items()}
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:

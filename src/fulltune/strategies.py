@@ -61,11 +61,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallel: one 1-D mesh
         super().setup_environment()
 
-    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        # Lightning restores this strategy's checkpoints without the `weights_only` that `fit` was given,
-        # and torch's default (True) refuses the hyper-parameters (DictConfigs) of the run's own checkpoint.
-        return super().load_checkpoint(checkpoint_path, weights_only=bool(weights_only))
-
     def shard(self, model: nn.Module) -> nn.Module:
         """`fully_shard` each decoder layer (the classes in HF's `_no_split_modules`), then the root.
 

@@ -12,11 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fulltune.preflight import CONF_DIR, ConfigError, check_override_keys, preflight
+from fulltune.errors import exit_on_user_error
+from fulltune.preflight import CONF_DIR, check_override_keys, preflight
+
+if TYPE_CHECKING:
+    from fulltune.data import FineTuneDataModule
 
 log = logging.getLogger(__name__)
 JOB_CONFIG_ENV = "FULLTUNE_JOB_CONFIG"
@@ -35,40 +40,6 @@ def run_metadata() -> dict:
         "versions": {name: version(name) for name in PACKAGES},
         "python": sys.version.split()[0],
     }
-
-
-def reset_peak_memory() -> None:
-    """Open this run's peak-memory window: the jobs of a multirun share one process, and without a
-    reset each would report the largest peak of all jobs before it. On CPU the earlier jobs' freed
-    memory is first handed back to the OS, so it does not count as this run's."""
-    import contextlib
-    import ctypes
-    import gc
-
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):  # glibc only
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak RSS
-
-
-def peak_memory_bytes() -> int:
-    """Peak device memory on GPU, else the process's peak RSS since `reset_peak_memory`."""
-    import re
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def optimizer_step_intervals(trainer: DictConfig) -> dict:
@@ -105,6 +76,32 @@ def job_scope(job_config: Path) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def detached(node: DictConfig) -> DictConfig:
+    """A resolved copy of a config node on its own, as checkpoints store the module's hyper-parameters:
+    a node of the run's config would take the whole config (its parents, their resolver caches) into
+    every checkpoint, and `torch.load(weights_only=True)` cannot rebuild those caches. Secrets are
+    redacted (`fulltune.redact`): nothing reads a token from the model or finetune settings."""
+    from fulltune.redact import redacted
+
+    return OmegaConf.create(redacted(OmegaConf.to_container(node, resolve=True)))
+
+
+def check_inputs(datamodule: FineTuneDataModule, evaluators: list) -> None:
+    """Fail fast, before the trainer, any output or any weights: every row read and checked (and
+    tokenized, once, into the cache that Lightning's own `prepare_data` then finds), then what each
+    evaluation needs of the data. One process per node does it, as in Lightning; the others wait
+    for it inside `trainer.fit`."""
+    from fulltune.evaluate import BeforeAfterEvaluation
+
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    for evaluator in evaluators:
+        if isinstance(evaluator, BeforeAfterEvaluation):
+            evaluator.check_data(datamodule)
+
+
 def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
     """Train one run and return its summary (also written to `<output_dir>/summary.json`);
     `plan_bytes`, the memory plan's per-device total, is recorded beside the measured peak."""
@@ -112,35 +109,45 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
     import torch
     from hydra.utils import instantiate
 
+    from fulltune.console import closing_table, header, quiet_libraries
     from fulltune.export import ExportAtTrainEnd
     from fulltune.finetune import count_params, merged_for_export
-    from fulltune.launch import resolve_hardware
+    from fulltune.launch import plan_settings, resolve_hardware
     from fulltune.loggers import finish_loggers
     from fulltune.models import load_tokenizer
     from fulltune.module import CausalLMModule
     from fulltune.optim import optimizer_for_precision
+    from fulltune.redact import redacted
     from fulltune.regularizers import RegularizerSetup
+    from fulltune.resume import resolve_resume
+    from fulltune.safe_load import checkpoint_classes_allowed
     from fulltune.strategies import optimizer_for
+    from fulltune.telemetry import Telemetry, reset_peak_memory
 
+    started = time.perf_counter()
     resolve_hardware(cfg)  # a no-op after `train`; `fit` is also called on its own (tests, sweeps)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # Hydra's root handlers print them once
-        logging.getLogger(name).handlers.clear()
+    resolve_resume(cfg)  # resume=auto -> a checkpoint, and the interrupted run's dir as the output dir
+    quiet_libraries()
     L.seed_everything(cfg.seed, workers=True)
     if cfg.precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(cfg.paths.output_dir)
+    arch = plan_settings(cfg)[0]  # the model's shapes on the meta device: the header, FLOPs per token
+    telemetry = Telemetry(started, arch)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     regularizer = instantiate(cfg.regularizer) if "_target_" in cfg.regularizer else None
     strategy = instantiate(cfg.strategy)
-    spec = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # checkpoints keep no ${hydra:...}
+    spec = detached(cfg.model)
     module = CausalLMModule(
         model=spec,
         optimizer=optimizer_for(strategy, optimizer_for_precision(cfg.optimizer, cfg.precision.value, strategy)),
-        scheduler=instantiate(cfg.scheduler), finetune=cfg.finetune, regularizer=regularizer,
+        scheduler=instantiate(cfg.scheduler), finetune=detached(cfg.finetune), regularizer=regularizer,
     )
     evaluators = [instantiate(e) for e in cfg.eval.values() if e is not None]  # each has `results`
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + evaluators
+    check_inputs(datamodule, evaluators)
+    # telemetry first: its hooks mark where the evaluators' and the export's time begins
+    callbacks = [telemetry] + [instantiate(c) for c in cfg.callbacks.values() if c is not None] + evaluators
     callbacks += [RegularizerSetup(regularizer)] if regularizer is not None else []
     # the HF export, weights only, from the live (maybe sharded) model at the end of training; generation
     # stops where training ended completions. LoRA merges in place, so after `fit` counted its adapters.
@@ -151,22 +158,24 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer, **optimizer_step_intervals(cfg.trainer), strategy=strategy, precision=cfg.precision.value,
-        callbacks=callbacks, logger=loggers or False,
+        callbacks=callbacks, logger=loggers or False, profiler=telemetry.clock,
     )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = redacted(OmegaConf.to_container(cfg, resolve=True))  # as written and logged: no secrets
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml({**resolved, "run": run_metadata()}))
         for logger in trainer.loggers:  # the whole resolved config, not only the module's hyper-parameters
             logger.log_hyperparams(resolved)
+        log.info(header(cfg, arch.total, arch.trainable, plan_bytes))
 
     reset_peak_memory()
-    start = time.time()
-    with job_scope(out_dir / "config.yaml"):
-        # our own checkpoints: their hyper-parameters hold DictConfigs, which weights_only=True refuses
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=False)
-    total, trainable = count_params(module.model)
+    with job_scope(out_dir / "config.yaml"), checkpoint_classes_allowed():  # a resumed checkpoint runs no code
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    total, trainable = count_params(module.model)  # before a LoRA export merges the adapters away
+    if trainer.is_global_zero and cfg.export and lora:
+        exporter.export(trainer, merged_for_export(module.model))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    performance = telemetry.results(trainer.world_size, trainer.global_step, exporter.seconds)
     summary = {
         "run_name": cfg.run_name,
         "model": cfg.model.name,
@@ -174,24 +183,21 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
         "strategy": cfg.strategy.name,
         "precision": cfg.precision.value,
         "global_step": trainer.global_step,
-        "wall_time_s": round(time.time() - start, 2),
-        "tokens_seen": int(module.tokens_seen) * trainer.world_size,
+        "wall_time_s": performance["time_s"]["wall"],
         "params_total": total,
         "params_trainable": trainable,
-        "peak_memory_bytes": peak_memory_bytes(),
         "memory_plan_bytes": plan_bytes,
+        **performance,
         **metrics,
         **{k: v for evaluator in evaluators for k, v in evaluator.results.items()},
         "data": getattr(datamodule, "stats", {}),
+        "output_dir": str(out_dir),
     }
-    summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["wall_time_s"], 1)
     if trainer.is_global_zero:
         if cfg.export:
-            if lora:
-                exporter.export(trainer, merged_for_export(module.model))
             summary["export_dir"] = str(exporter.out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        log.info("summary: %s", out_dir / "summary.json")
+        log.info("%s\nsummary: %s", closing_table(summary), out_dir / "summary.json")
         finish_loggers(trainer.loggers, summary)
     return summary
 
@@ -218,16 +224,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep records the failed job and goes on
         return train(cfg)
-    except ConfigError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep records the failed job and goes on
-            raise
-        sys.exit(f"error: {err}")
+    with exit_on_user_error(debug=cfg.get("debug", False)):
+        return train(cfg)
 
 
 def main() -> None:
-    """Console entry: unknown keys get a did-you-mean message before Hydra composes anything.
+    """Console entry: unknown keys and group options get a did-you-mean message before Hydra composes
+    anything; any user error ends the run as its message alone with exit code 2 (`fulltune.errors`).
 
     A rank > 0 that Lightning started for a job runs that job's resolved config instead of the
     command line (in a multirun, the whole sweep): see `job_scope`.
@@ -236,11 +241,10 @@ def main() -> None:
     if job_config and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         cfg = OmegaConf.load(job_config)
         cfg.pop("run")  # the run metadata stored beside the config
-        train(cfg)
+        with exit_on_user_error(debug=cfg.get("debug", False)):
+            train(cfg)
         return
     overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
-    try:
+    with exit_on_user_error():
         check_override_keys(overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
     _hydra_main()

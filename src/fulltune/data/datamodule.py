@@ -7,13 +7,15 @@ Training batches (dict of tensors):
                                       summed over every micro-batch of this batch's optimizer step on
                                       every rank (the exact token-normalised loss divides by it)
     nonpad_fraction                   0-dim float: real tokens / (B * T)
+    num_examples                      0-dim long: the examples in the batch (a packed row holds several)
 Validation: one loader per group with validation data (`val_source_names`, task first); their
 batches carry `window_label_tokens` = the batch's own label-token count.
 """
 
 from __future__ import annotations
 
-import logging
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,13 @@ from .cache import TokenStore, build_store, cache_key, file_fingerprint, tokeniz
 from .formats import make_renderer, stop_token_id
 from .mixture import EpochPlan, MixtureSampler, SourcePlan, interleave, select
 from .packing import collate, pack
-from .validate import DataError, check_source, is_local, load_rows
+from .validate import DataError, RowReport, check_source, good_rows, is_local
 
-log = logging.getLogger(__name__)
 GROUPS = ("task", "replay")
+# Per source split in stats: rows read (documents + bad), documents used, the examples (chunks) and
+# tokens they gave, and what the length policy did.
+STORE_COUNTS = ("rows", "bad_rows", "documents", "examples", "tokens", "chunked", "truncated", "dropped_overlong",
+                "dropped_no_labels")
 
 
 class _Batches(Dataset):
@@ -76,7 +81,7 @@ class FineTuneDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_on_prompt: bool = False,
         num_proc: int = 1,
-        overlong: str = "truncate",
+        overlong: str = "chunk",
         on_bad_row: str = "stop",
         seed: int = 0,
         cache_dir: str | None = None,
@@ -97,11 +102,13 @@ class FineTuneDataModule(L.LightningDataModule):
         self.plan: EpochPlan | None = None
         self.val_source_names: list[str] = []
         self._stores: dict[tuple[str, int, str], TokenStore] | None = None
+        self._held: dict[str, set[int]] = {}  # val_size row numbers per source
 
     # -- settings -------------------------------------------------------------------------------------
 
     def _check_settings(self) -> None:
-        choices = {"mix_by": ("samples", "tokens"), "overlong": ("truncate", "drop"), "on_bad_row": ("stop", "skip")}
+        choices = {"mix_by": ("samples", "tokens"), "overlong": ("chunk", "truncate", "drop"),
+                   "on_bad_row": ("stop", "skip")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise DataError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(valid)}")
@@ -143,20 +150,32 @@ class FineTuneDataModule(L.LightningDataModule):
                if s.get("val_path") or s.get("val_split") or s.get("val_size")]
         return train + val
 
-    def _read(self, source: dict, split: str) -> tuple[list[dict], int]:
-        """A split's good rows (validated) and the count of bad ones skipped."""
-        if split == "val" and (source.get("val_path") or source.get("val_split")):
-            return load_rows(source, source.get("val_path") or source["path"], source.get("val_split"),
-                             self.on_bad_row)
-        rows, bad = load_rows(source, source["path"], source.get("split"), self.on_bad_row)
-        if source.get("val_size") and not source.get("val_path") and not source.get("val_split"):
-            held = set(np.random.default_rng(0).permutation(len(rows))[: source["val_size"]].tolist())
-            if len(held) >= len(rows):
+    def _rows(self, source: dict, split: str, report: RowReport) -> Iterator[dict]:
+        """A split's good rows, streamed (bad ones go to `report`); training takes `take_rows`."""
+        separate_val = source.get("val_path") or source.get("val_split")
+        if split == "val" and separate_val:
+            return good_rows(source, source.get("val_path") or source["path"], source.get("val_split"), report)
+        rows = good_rows(source, source["path"], source.get("split"), report)
+        if source.get("val_size") and not separate_val:
+            held = self._held_out(source)
+            rows = (r for i, r in enumerate(rows) if (i in held) == (split == "val"))
+        return itertools.islice(rows, source["take_rows"]) if split == "train" and source.get("take_rows") else rows
+
+    def _held_out(self, source: dict) -> set[int]:
+        """`val_size` row numbers drawn from the file's good rows (one counting pass, remembered)."""
+        if source["name"] not in self._held:
+            report = RowReport(source["path"], source["format"])
+            count = sum(1 for _ in good_rows(source, source["path"], source.get("split"), report))
+            if source["val_size"] >= count:
                 raise DataError(f"{source['path']}: val_size={source['val_size']} leaves no training rows")
-            rows = [r for i, r in enumerate(rows) if (i in held) == (split == "val")]
-        if split == "train" and source.get("limit"):
-            rows = rows[: source["limit"]]
-        return rows, bad
+            self._held[source["name"]] = set(np.random.default_rng(0).permutation(count)[: source["val_size"]].tolist())
+        return self._held[source["name"]]
+
+    def overlong_policy(self, source: dict) -> str:
+        """The source's own `overlong`, else `data.overlong`; instruction data cannot be chunked (an
+        example cut in two loses its answer): under the default `chunk` it is truncated."""
+        policy = source.get("overlong") or self.overlong
+        return "truncate" if policy == "chunk" and source["format"] != "text" else policy
 
     def _key(self, source: dict, split: str, tokenizer_fp: str) -> str:
         files = [file_fingerprint(source["path"])]
@@ -164,7 +183,7 @@ class FineTuneDataModule(L.LightningDataModule):
             files = [file_fingerprint(source["val_path"])]
         settings = {k: v for k, v in source.items() if k not in ("name", "weight")}
         return cache_key({"tokenizer": tokenizer_fp, "files": files, "split": split, "source": settings,
-                          "max_length": self.max_length, "overlong": self.overlong,
+                          "max_length": self.max_length, "overlong": self.overlong_policy(source),
                           "train_on_prompt": self.train_on_prompt, "on_bad_row": self.on_bad_row})
 
     def _ensure_demo_data(self) -> None:
@@ -175,7 +194,8 @@ class FineTuneDataModule(L.LightningDataModule):
             ensure_demo_data(self.demo_dir)
 
     def _load_stores(self) -> dict[tuple[str, int, str], TokenStore]:
-        """Open cached stores; for the missing ones, validate all their rows first, then tokenize."""
+        """Open cached stores; for the missing ones, check their rows first (fail fast: one bad file
+        stops the run before hours of tokenizing the others), then stream them into the cache."""
         if self._stores is not None:
             return self._stores
         self._ensure_demo_data()
@@ -188,29 +208,49 @@ class FineTuneDataModule(L.LightningDataModule):
                 stores[unit] = TokenStore.open(path)
             else:
                 missing.append((unit, path))
-        read = {unit: self._read(self.sources[unit[0]][unit[1]], unit[2]) for unit, _ in missing}  # fail fast
+        for (group, i, split), _ in missing:
+            source = self.sources[group][i]
+            if is_local(source["path"]) and not source.get("take_tokens"):  # the others check while streaming
+                self._count(source, split)
         for unit, path in missing:
             group, i, split = unit
-            source = self.sources[group][i]
-            rows, bad = read.pop(unit)
-            log.info("tokenizing %s (%s, %d rows)", source["name"], split, len(rows))
-            stores[unit] = build_store(
-                path, rows, make_renderer(source, self.tokenizer, self.train_on_prompt), self.tokenizer,
-                max_length=self.max_length, overlong=self.overlong, num_proc=self.num_proc,
-                meta={"source": source["name"], "split": split, "rows": len(rows) + bad, "bad_rows": bad},
-                keep_answers=split == "val" and group == "task")
+            stores[unit] = self.tokenize(self.sources[group][i], split, path, keep_answers=split == "val" and
+                                         group == "task")
         self._stores = {unit: stores[unit] for unit in self._units()}
         return self._stores
+
+    def tokenize(self, source: dict, split: str, path: Path, keep_answers: bool = False) -> TokenStore:
+        """Stream one source split into the store at `path` (or open it, if another process built it)."""
+        report = self._report(source, split)
+
+        def finish() -> dict:
+            report.check(self.on_bad_row)
+            return {"source": source["name"], "split": split, "bad_rows": report.bad}
+
+        return build_store(
+            path, self._rows(source, split, report), make_renderer(source, self.tokenizer, self.train_on_prompt),
+            self.tokenizer, max_length=self.max_length, overlong=self.overlong_policy(source),
+            concat=bool(source.get("concat")), take_tokens=source.get("take_tokens") if split == "train" else None,
+            num_proc=self.num_proc, keep_answers=keep_answers, finish=finish, label=f"{source['name']} ({split})")
+
+    @staticmethod
+    def _report(source: dict, split: str) -> RowReport:
+        return RowReport(source.get("val_path") if split == "val" and source.get("val_path") else source["path"],
+                         source["format"])
+
+    def _count(self, source: dict, split: str) -> int:
+        """Good rows of a split, read through once without tokenizing; raises DataError on bad rows."""
+        report = self._report(source, split)
+        count = sum(1 for _ in self._rows(source, split, report))
+        report.check(self.on_bad_row)
+        return count
 
     def validate(self) -> dict[str, int]:
         """Read and check every row of every source (no tokenizing): rows per source split.
         Raises DataError on the first bad source (with on_bad_row=stop)."""
         self._ensure_demo_data()
-        counts = {}
-        for group, i, split in self._units():
-            source = self.sources[group][i]
-            counts[f"{source['name']}/{split}"] = len(self._read(source, split)[0])
-        return counts
+        return {f"{self.sources[g][i]['name']}/{split}": self._count(self.sources[g][i], split)
+                for g, i, split in self._units()}
 
     def prepare_data(self) -> None:
         """Generate demo data and fill the token cache once (Lightning runs this on one process)."""
@@ -261,21 +301,32 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup()
-        return [DataLoader(_FixedBatches(self._builder, self._val_batches(g)), batch_size=None,
-                           num_workers=self.num_workers) for g in self.val_source_names]
+        return [self._eval_loader(self._builder, [k for k, u in enumerate(self._index) if u[0] == g and u[2] == "val"])
+                for g in self.val_source_names]
 
-    def _val_batches(self, group: str) -> list[tuple]:
-        ids = [k for k, u in enumerate(self._index) if u[0] == group and u[2] == "val"]
-        items = [(s, i) for s in ids for i in range(len(self._builder.stores[s]))]
-        lengths = np.array([self._builder.stores[s].lengths[i] for s, i in items])
+    def heldout_loader(self, source: dict, where: str) -> DataLoader:
+        """A loader over a whole extra source (e.g. a forgetting set), streamed, tokenized, cached and
+        chunked like the training data and batched like the validation data; `take_tokens` or
+        `take_rows` bound it. `where` names the setting in errors."""
+        source = {"name": Path(str(source.get("path"))).stem, **source}
+        check_source(source, where)
+        self._ensure_demo_data()
+        path = self.cache_dir / "tokenized" / self._key(source, "train", tokenizer_fingerprint(self.tokenizer))
+        store = TokenStore.open(path) if (path / "meta.json").exists() else self.tokenize(source, "train", path)
+        return self._eval_loader(_Batches([store], self._pad_id(), self.packing), [0])
+
+    def _eval_loader(self, builder: _Batches, ids: list[int]) -> DataLoader:
+        """Every example of the stores `ids` once, in order, packed like training when packing is on."""
+        stores = builder.stores
+        items = [(s, i) for s in ids for i in range(len(stores[s]))]
+        lengths = np.array([stores[s].lengths[i] for s, i in items])
         rows = pack(lengths, self.max_length) if self.packing else [[k] for k in range(len(items))]
         rows = [tuple(items[k] for k in row) for row in rows]
-        stores = self._builder.stores
         batches = []
         for b in range(0, len(rows), self.eval_batch_size):
             chunk = tuple(rows[b: b + self.eval_batch_size])
             batches.append((chunk, int(sum(stores[s].n_labels[i] for row in chunk for s, i in row))))
-        return batches
+        return DataLoader(_FixedBatches(builder, batches), batch_size=None, num_workers=self.num_workers)
 
     def num_train_batches(self, world_size: int) -> int:
         """Micro-batches per rank per epoch, without building a loader (for the LR schedule's length)."""
@@ -314,10 +365,7 @@ class FineTuneDataModule(L.LightningDataModule):
             entry = per_source.setdefault(name, {"group": group})
             meta = store.meta
             prefix = "" if split == "train" else "val_"
-            entry.update({f"{prefix}rows": meta["rows"], f"{prefix}bad_rows": meta["bad_rows"],
-                          f"{prefix}examples": meta["examples"], f"{prefix}truncated": meta["truncated"],
-                          f"{prefix}dropped_overlong": meta["dropped_overlong"],
-                          f"{prefix}dropped_no_labels": meta["dropped_no_labels"]})
+            entry.update({f"{prefix}{key}": meta[key] for key in STORE_COUNTS})
         samples = {"task": 0, "replay": 0}
         tokens = {"task": 0, "replay": 0}
         for source, pick in zip(sources, picks, strict=True):

@@ -5,6 +5,7 @@
 - `dates_chat_{train,val}.jsonl` (messages): the same task as chat turns, some multi-turn.
 - `reviews_{train,val}.jsonl` (classification): generated product reviews, positive / negative.
 - `prose_{train,val}.jsonl` (text): templated prose, the "pretraining" replay corpus.
+- `long_documents` / `write_corpus`: articles of many paragraphs, any size (replay at scale).
 """
 
 from __future__ import annotations
@@ -176,6 +177,33 @@ def prose_rows(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[di
 
     rows = [{"text": paragraph()} for _ in range(n_train + n_val)]
     return rows[:n_train], rows[n_train:]
+
+
+def long_documents(seed: int) -> Iterator[str]:
+    """Endless generated articles shaped like web and book text: a title, then paragraphs on several
+    topics about one town; log-normal lengths (SmolLM2 tokens: median ~430, mean ~660, a tail to
+    ~9,000; 2.8 KB of jsonl a document), so most are longer than a typical max_length.
+    For replay-at-scale benchmarks and tests."""
+    rng = random.Random(seed)
+    while True:
+        values = {k: rng.choice(v) for k, v in FILL.items()} | {"Name": _name(rng), "River": _name(rng) + " river"}
+        paragraphs = []
+        for _ in range(min(400, max(1, round(rng.lognormvariate(2.2, 0.9))))):
+            values |= {k: rng.choice(v) for k, v in FILL.items() if rng.random() < 0.3}
+            sentences = rng.sample(PROSE[rng.choice(list(PROSE))], rng.randint(2, 4))
+            paragraphs.append(" ".join(s.format(**values) for s in sentences))
+        yield f"{values['Name']} and the {values['River']}\n\n" + "\n\n".join(paragraphs)
+
+
+def write_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """A jsonl replay corpus of `long_documents` of about `megabytes`, written a line at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for text in long_documents(seed):
+            if f.tell() >= megabytes * 1e6:
+                return path
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
 
 
 GENERATORS: dict[str, Callable[[int, int, int], tuple[list[dict], list[dict]]]] = {

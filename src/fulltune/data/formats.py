@@ -7,9 +7,9 @@ are labels. Pieces are tokenized separately and concatenated, so the prompt a mo
 Formats (`format:` of a source):
 - `alpaca`: instruction / input (optional) / output, rendered with `template` (`alpaca`: the Stanford
   prompt, `instruction`: the same headings without the preamble, `chat`: the tokenizer's chat template).
-- `messages`: role/content turns (OpenAI style; ShareGPT from/value accepted), rendered with the
-  tokenizer's chat template, or the named `chatml` template when it has none; every assistant turn
-  is trained.
+- `messages`: role/content turns (OpenAI style, content a string or a list of text parts, joined by
+  newlines; ShareGPT from/value accepted), rendered with the tokenizer's chat template, or the named
+  `chatml` template when it has none; every assistant turn is trained.
 - `text`: raw text, every token in the loss.
 - `classification`: text + label, trained as `instruction` + text -> the label word (alpaca rendering).
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from fulltune.preflight import ConfigError
 
 FORMATS = ("alpaca", "messages", "text", "classification")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
@@ -46,7 +48,7 @@ DEFAULT_CLASSIFICATION_INSTRUCTION = "Classify the text. Answer with one of: {la
 Piece = tuple[str | list[int], bool]
 
 
-class FormatError(ValueError):
+class FormatError(ConfigError):
     """A source whose format settings cannot work with this tokenizer; the message says the fix."""
 
 
@@ -179,7 +181,9 @@ def make_renderer(source: dict, tokenizer: Any, train_on_prompt: bool) -> Render
     if fmt != "text" and template not in valid:
         raise FormatError(f"template={template!r} is not one of {', '.join(valid)} for format {fmt}")
     if tokenizer.eos_token_id is None:
-        raise FormatError("the tokenizer has no eos_token: set one so the model learns to stop")
+        raise FormatError("the tokenizer has no eos_token, so the model could never learn to stop: set "
+                          "`eos_token` in its tokenizer_config.json (the tokenizer of model.tokenizer, or of the "
+                          "weights when that is null)")
     renderer = Renderer(fmt, template, tokenizer.eos_token_id, bos_prefix(tokenizer),
                         train_on_prompt=train_on_prompt and fmt != "text")
     if fmt == "classification":

@@ -38,8 +38,8 @@ def describe(dm: FineTuneDataModule) -> str:
         f"Mixture plan: seed {dm.seed}, mix_by {dm.mix_by}, replay_ratio {dm.replay_ratio}, "
         f"packing {'on' if dm.packing else 'off'}, max_length {dm.max_length}, batch_size {dm.batch_size}",
         "",
-        f"{'source':<14}{'group':<8}{'format':<16}{'weight':>8}{'rows':>8}{'bad':>6}{'examples':>10}"
-        f"{'truncated':>11}{'dropped':>9}{'samples/ep':>12}{'tokens/ep':>12}{'val':>6}",
+        f"{'source':<14}{'group':<8}{'format':<16}{'weight':>8}{'rows':>8}{'bad':>6}{'examples':>10}{'tokens':>12}"
+        f"{'chunked':>9}{'truncated':>11}{'dropped':>9}{'samples/ep':>12}{'tokens/ep':>12}{'val':>6}",
     ]
     for group in GROUPS:
         for source in dm.sources[group]:
@@ -48,7 +48,7 @@ def describe(dm: FineTuneDataModule) -> str:
             dropped = s["dropped_overlong"] + s["dropped_no_labels"]
             lines.append(
                 f"{source['name']:<14}{group:<8}{source['format']:<16}{weight:>8}{s['rows']:>8}{s['bad_rows']:>6}"
-                f"{s['examples']:>10}{s['truncated']:>11}{dropped:>9}{s['epoch_samples']:>12}"
+                f"{s['examples']:>10}{s['tokens']:>12}{s['chunked']:>9}{s['truncated']:>11}{dropped:>9}{s['epoch_samples']:>12}"
                 f"{s['epoch_tokens']:>12}{s.get('val_examples', 0):>6}")
     lines += [
         "",
@@ -56,6 +56,8 @@ def describe(dm: FineTuneDataModule) -> str:
         f"{dm.num_train_batches(1)} micro-batches on 1 device; replay {st['replay_fraction_samples']:.1%} of "
         f"samples, {st['replay_fraction_tokens']:.1%} of tokens; non-pad tokens {st['nonpad_fraction']:.1%}",
         f"Validation loaders: {', '.join(dm.val_source_names) or 'none'}",
+        "rows: read (bad: unusable); examples: what training draws from, one per row or per max_length "
+        "window of a chunked document (chunked: documents split; truncated / dropped: cut or left out)",
         f"Loss mask: text inside {TRAINED[0]} {TRAINED[1]} is in the loss, the rest is masked.",
     ]
     for k, (group, i, split) in enumerate(dm._index):
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)  # no code from its files
     else:
         from fulltune.models import load_tokenizer
 

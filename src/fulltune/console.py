@@ -1,0 +1,98 @@
+"""What a person watching a run reads: a header, a progress bar over the run's optimizer steps,
+and a closing table; each event once, without library advertisements or third-party noise."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+GiB = 2**30
+# Lightning's own lines a fulltune run replaces (the header names the devices) or that advertise
+NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
+def quiet_libraries() -> None:
+    """Print each Lightning event once (Hydra's handler prints it; `lightning` adds a second,
+    plain handler of its own), drop its advertisements, and silence two deprecation warnings
+    that libraries raise about their own internals (nothing a user can act on), by their source."""
+    logging.getLogger("lightning").handlers.clear()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
+
+
+class StepProgressBar(RichProgressBar):
+    """One bar for the whole run, counting optimizer steps: its total is the run's step count (the
+    LR schedule's length) and its ETA the time those steps will really take. Lightning's bar counts
+    the micro-batches of one epoch, which a step cap or accumulation makes wrong."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.lightning_module.total_optimizer_steps()
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if self.train_progress_bar_id is None:  # one task for every epoch
+            super().on_train_epoch_start(trainer, module)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+
+def header(cfg: Any, total: int, trainable: int, plan_bytes: int | None) -> str:
+    """One line naming what is about to run."""
+    import torch
+
+    trainer = cfg.trainer
+    devices = trainer.devices * trainer.num_nodes
+    accelerator = "GPU" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "CPU"
+    plan = f" · plan {plan_bytes / GiB:.2f} GiB/device" if plan_bytes else ""
+    return (f"{cfg.model.name} · {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable "
+            f"({cfg.finetune.method}) · {cfg.strategy.name} · {cfg.precision.value} · "
+            f"{devices} × {accelerator}{plan}")
+
+
+def closing_table(summary: Mapping[str, Any]) -> str:
+    """The run's results in one table: task before and after, forgetting, throughput, memory and
+    where the outputs are."""
+    rows: list[tuple[str, str, str]] = []
+    for key in (k for k in summary if k.endswith("_before") and "_ppl_" not in k):
+        name, after = key[: -len("_before")], summary.get(key[: -len("_before")] + "_after")
+        if after is None:
+            continue
+        fmt = "{:.1%}" if name.endswith("accuracy") else "{:.4f}"
+        note = f"  (forgetting {after - summary[key]:+.4f}; > 0 is worse)" if name.startswith("forgetting/") else ""
+        rows.append((name, fmt.format(summary[key]), fmt.format(after) + note))
+    width = max([len(r[0]) for r in rows] + [22])
+    lines = [f"{'':{width}}  {'before':>8}  after", *(f"{a:{width}}  {b:>8}  {c}" for a, b, c in rows)] if rows else []
+    mfu = summary.get("mfu")
+    lines += [
+        f"{'tokens/s (training)':{width}}  {summary['tokens_per_s']:,.0f} ({summary['tokens_per_s_per_device']:,.0f}"
+        f" per device, {summary['step_s']:.2f} s/step, data wait {summary['data_wait_share']:.1%})",
+        f"{'TFLOP/s per device':{width}}  {summary['tflops_per_device']:.2f}" + (f" (MFU {mfu:.1%})" if mfu else ""),
+        f"{'peak memory':{width}}  {summary['peak_memory_bytes'] / GiB:.2f} GiB " + (
+            "(process RSS)" if summary["device_name"] == "cpu" else f"(plan {summary['memory_plan_bytes'] / GiB:.2f})"
+            if summary.get("memory_plan_bytes") else ""),
+        f"{'time':{width}}  " + ", ".join(f"{k} {v:.{0 if v >= 10 else 1}f} s" for k, v in summary["time_s"].items()),
+        f"{'outputs':{width}}  {summary['output_dir']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""A NaN loss and NaN gradients injected into chosen steps (tests.faults.PoisonSteps): the step is
+skipped, counted and logged; too many in a row stop the run with a message."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from fulltune.preflight import ConfigError
+from fulltune.train import fit
+
+POISON = "+callbacks.poison._target_=tests.faults.PoisonSteps"
+
+
+def test_a_nan_step_is_skipped_counted_and_logged(tiny_cfg, tmp_path):
+    summary = fit(tiny_cfg("trainer.max_steps=3", "save_steps=1", "save_total_limit=-1", POISON,
+                           "+callbacks.poison.steps=[2]"))
+    assert summary["train/nonfinite_skipped_steps"] == 1.0 and summary["global_step"] == 3
+    step = {n: torch.load(tmp_path / "checkpoints" / f"step00000{n}.ckpt", weights_only=False) for n in (1, 2, 3)}
+    # step 2 changed nothing: the same weights and optimizer moments as after step 1; step 3 trained on
+    for key, before in step[1]["state_dict"].items():
+        assert torch.equal(before, step[2]["state_dict"][key]) and torch.isfinite(step[3]["state_dict"][key]).all()
+    moments = [(s["optimizer_states"][0]["state"][0]["exp_avg"]) for s in step.values()]
+    assert torch.equal(moments[0], moments[1]) and not torch.equal(moments[1], moments[2])
+    key = "train/nonfinite_skipped_steps"
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        logged = [float(row[key]) for row in csv.DictReader(f) if row[key]]
+    assert logged == [0.0, 1.0, 1.0]
+
+
+def test_consecutive_nan_steps_stop_the_run_keeping_the_last_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_steps=6", "save_steps=1", "max_nonfinite_steps=2", POISON,
+                   "+callbacks.poison.steps=[3,4,5]")
+    with pytest.raises(ConfigError, match=r"2 optimizer steps in a row \(steps 3-4\) had a NaN/Inf loss or gradient "
+                                          r"norm.*last complete checkpoint is \S+step000003.ckpt"):
+        fit(cfg)
+    assert not (tmp_path / "summary.json").exists()

@@ -1,0 +1,101 @@
+"""Telemetry counts what the steps really did: FLOPs as torch's own counter sees them, tokens as the
+data module serves them, time split into parts that add up, totals that survive a resume."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
+
+from fulltune.memory import describe
+from fulltune.models import load_tokenizer
+from fulltune.module import CausalLMModule
+from fulltune.telemetry import model_flops, peak_tflops
+from fulltune.train import fit
+
+from .strategy_runs import run_command, train_command
+
+
+@pytest.mark.parametrize("chunk_tokens", [1024, 0])
+def test_model_flops_equal_torch_flop_counter(tiny_cfg, chunk_tokens):
+    """Eager attention makes every FLOP a matmul torch counts: the linear layers and LM head (`mm`)
+    exactly as the formula says, attention (`bmm`) twice its causal half."""
+    cfg = tiny_cfg("model.attn_implementation=eager", f"model.loss_chunk_tokens={chunk_tokens}")
+    module = CausalLMModule(model=cfg.model, optimizer=None)
+    module.configure_model()
+    batch_size, length = 2, 32
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.model.config.vocab_size, (batch_size, length), generator=generator)
+    labels = ids.clone()
+    labels[:, :10] = -100  # a prompt: no loss, and (chunked) no LM head there
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).repeat(batch_size, 1)}
+    with FlopCounterMode(display=False) as counter:
+        loss_sum, n_labels = module.token_loss_sum(batch)
+        loss_sum.backward()
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+
+    arch = describe(module.model)
+    tokens = batch_size * length
+    attention = 6 * arch.layers * arch.q_dim * length * tokens
+    assert counted["aten.mm"] == model_flops(arch, tokens, int(n_labels), length, chunk_tokens > 0) - attention
+    assert counted["aten.bmm"] == 2 * attention
+
+
+def test_known_gpus_have_their_dense_bf16_peak():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA GeForce GTX 1080") is None
+
+
+def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_path):
+    """8 steps at once vs 4 + a resume to 8: the same tokens (those the data module serves for 8
+    steps), time parts that add up to no more than the wall, a progress bar over optimizer steps."""
+    common = ("trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=2", "eval.forgetting=null",
+              "save_steps=4", "export=false")
+
+    def run(name: str, *extra: str) -> dict:
+        cfg = tiny_cfg(*common, *extra)
+        cfg.paths.output_dir = str(tmp_path / name)
+        return fit(cfg)
+
+    whole = run("whole", "trainer.enable_progress_bar=true",
+                "callbacks.progress_bar={_target_:fulltune.console.StepProgressBar}")
+    run("first", "trainer.max_steps=4")
+    resumed = run("first", f"resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+
+    cfg = tiny_cfg(*common)
+    datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model), seed=cfg.seed)
+    datamodule.setup("fit")
+    served = list(itertools.islice(datamodule.train_dataloader(), 16))  # 8 steps x 2 micro-batches
+    tokens = sum(float(b["nonpad_fraction"]) * b["input_ids"].numel() for b in served)
+    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in served)
+    for summary in (whole, resumed):
+        assert summary["global_step"] == 8
+        assert summary["tokens_seen"] == round(tokens) and summary["label_tokens_seen"] == labels
+        assert summary["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["time_s"]["train"], rel=1e-2)
+        parts = summary["time_s"]
+        assert all(v >= 0 for v in parts.values())
+        assert parts["setup"] + parts["train"] + parts["evaluation"] + parts["checkpoint"] <= parts["wall"] + 0.05
+        assert parts["checkpoint"] > 0 and parts["evaluation"] > 0
+    logged = list(csv.DictReader((tmp_path / "whole" / "csv" / "metrics.csv").open()))
+    assert {int(r["step"]) for r in logged if r.get("perf/tokens_per_s")} == {2, 4, 6, 8}
+
+
+def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_path, cache_dir):
+    out = run_command([sys.executable, *train_command(tmp_path / "run", cache_dir, [
+        "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "eval.task.num_examples=4",
+        "eval.forgetting=null"])])
+    assert out.count("Seed set to 1234") == 1
+    for noise in ("Tip:", "set_vital", "LeafSpec", "GPU available"):
+        assert noise not in out
+    assert "tiny · " in out and "parameters" in out and "× CPU" in out  # the header
+    assert "4/4" in out  # the progress bar counts the run's optimizer steps
+    assert "tokens/s (training)" in out and "task/loss" in out  # the closing table
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["time_s"]["train"] > 0
