@@ -293,10 +293,9 @@ def _example_flops(arch: Any, batch: dict) -> Any:
 
 
 def _fulltune_overrides(data_path: Path, setup: Setup, weights: str, packing: bool, attention: str) -> list[str]:
-    # bf16: Lightning's mixed-precision plugin refuses to clip gradients for a fused optimizer (it
-    # assumes a grad scaler), so fulltune's fused AdamW default cannot run there: torch's default
-    # (foreach on CUDA) instead, as a user would have to
-    precision = ["precision=bf16_mixed", "optimizer.fused=false"] if setup.bf16 else ["precision=fp32"]
+    # bf16: fulltune steps foreach AdamW itself there (Lightning refuses to clip a fused step under
+    # mixed precision: fulltune.launch.resolve_hardware)
+    precision = ["precision=bf16_mixed"] if setup.bf16 else ["precision=fp32"]
     return [
         "data=alpaca", f"data.task.0.path={data_path}", "data.task.0.val_path=null", "data.replay=[]",
         "data.replay_ratio=0", "data.demo_dir=null", f"data.max_length={setup.max_length}",
