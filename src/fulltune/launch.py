@@ -134,11 +134,12 @@ def _cuda_free_bytes(index: int) -> int:
         return torch.cuda.mem_get_info(index)[0]
 
 
-def check_memory(cfg: DictConfig) -> MemoryPlan | None:
+def check_memory(cfg: DictConfig, planned: tuple[Any, dict[str, Any]] | None = None) -> MemoryPlan | None:
     """The gate before a real launch: the plan against the memory of the devices this run uses.
     `plan_check=stop` ends a run that does not fit, with the plan and what would fit instead,
     before any weights or data load; `warn` prints the same and goes on; `off` skips it. Returns the
-    plan it checked (None when skipped: `off`, or not the node's first process)."""
+    plan it checked (None when skipped: `off`, or not the node's first process). `planned` is
+    `plan_settings(cfg)` when the caller already built it."""
     from fulltune.memory import GiB, build_memory_plan, render_plan, suggest_alternatives
 
     mode = cfg.get("plan_check", "stop")
@@ -146,8 +147,9 @@ def check_memory(cfg: DictConfig) -> MemoryPlan | None:
         raise ConfigError(f"plan_check={mode!r}: use one of {', '.join(PLAN_CHECKS)}")
     if mode == "off" or int(os.environ.get("LOCAL_RANK", "0")) > 0:  # one check per node
         return None
-    arch, settings = plan_settings(cfg)
+    arch, settings = planned or plan_settings(cfg)
     label, capacity, device = available_memory(cfg)
+    settings = dict(settings)
     settings.update(gpu=label, capacity=capacity, device=device)
     plan = build_memory_plan(arch, **settings)
     if plan.fits():

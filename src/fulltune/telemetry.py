@@ -135,7 +135,6 @@ class Telemetry(L.Callback):
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._counts = torch.zeros(len(self.COUNTS), dtype=torch.float64, device=module.device)
-        self._logged = (self._counts.clone(), 0.0, 0)
         if module.device.type == "cuda":
             self.device_name = torch.cuda.get_device_name(module.device)
             tflops = peak_tflops(self.device_name)
@@ -154,9 +153,8 @@ class Telemetry(L.Callback):
         ids = batch["input_ids"]
         tokens = batch["nonpad_fraction"].double() * ids.numel()
         labels = (batch["labels"][:, 1:] != -100).sum().double()
-        samples = batch["num_examples"].double() if "num_examples" in batch else torch.tensor(float(ids.size(0)))
         flops = model_flops(self.arch, tokens, labels, ids.size(1), self._label_head)
-        self._counts += torch.stack([tokens, labels, samples.to(tokens), flops])
+        self._counts += torch.stack([tokens, labels, batch["num_examples"].to(tokens), flops])
         step = trainer.global_step
         if step != self._logged[2] and step % trainer.log_every_n_steps == 0:
             self._log_window(trainer, module)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -102,9 +102,10 @@ def check_inputs(datamodule: FineTuneDataModule, evaluators: list) -> None:
             evaluator.check_data(datamodule)
 
 
-def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
+def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dict:
     """Train one run and return its summary (also written to `<output_dir>/summary.json`);
-    `plan_bytes`, the memory plan's per-device total, is recorded beside the measured peak."""
+    `plan_bytes`, the memory plan's per-device total, is recorded beside the measured peak; `arch`
+    is the model's `memory.Arch` when the caller already described it (else it is built here)."""
     import lightning as L
     import torch
     from hydra.utils import instantiate
@@ -132,7 +133,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
     if cfg.precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(cfg.paths.output_dir)
-    arch = plan_settings(cfg)[0]  # the model's shapes on the meta device: the header, FLOPs per token
+    arch = arch or plan_settings(cfg)[0]  # the model's shapes (meta device): the header, FLOPs per token
     telemetry = Telemetry(started, arch)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
@@ -204,7 +205,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None) -> dict:
 
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
-    from fulltune.launch import check_memory, dry_run, resolve_hardware
+    from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware
     from fulltune.strategies import check_strategy
 
     resolve_hardware(cfg)
@@ -213,8 +214,9 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
         dry_run(cfg)
         return None
-    plan = check_memory(cfg)
-    summary = fit(cfg, None if plan is None else plan.total)
+    planned = plan_settings(cfg)  # the meta-device model, built once for the gate and the run
+    plan = check_memory(cfg, planned)
+    summary = fit(cfg, None if plan is None else plan.total, arch=planned[0])
     value = summary.get(cfg.optimized_metric)
     return None if value is None else float(value)
 
