@@ -33,7 +33,7 @@ from omegaconf import OmegaConf, open_dict
 
 from fulltune.data.validate import load_rows
 from fulltune.errors import exit_on_user_error, user_error_message
-from fulltune.preflight import ConfigError, check_override_keys
+from fulltune.preflight import ConfigError, check_command_line
 from fulltune.train import train
 
 from .conftest import REPO, TINY_FAST, compose_config
@@ -295,11 +295,25 @@ def test_accepted_inputs_read_like_their_plain_forms(tmp_path):
 
 def test_group_options_and_keys_are_checked_before_hydra(capsys):
     with pytest.raises(ConfigError, match=r"model=tinny: no such option.*Did you mean 'tiny'"):
-        check_override_keys(["model=tinny"])
+        check_command_line(["model=tinny"])
     with pytest.raises(SystemExit) as exit_code, exit_on_user_error():
-        check_override_keys(["trainer.max_stepz=3"])
+        check_command_line(["trainer.max_stepz=3"])
     assert exit_code.value.code == 2
     assert capsys.readouterr().err.startswith("error: Unknown config key 'trainer.max_stepz'. Did you mean")
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_a_read_only_log_dir_is_named_before_hydra_creates_the_run_dir(multirun, case_root):
+    """Hydra creates `hydra.run.dir` (`hydra.sweep.dir`) under `paths.log_dir` before any fulltune code
+    runs, and would fail there with its own trace: the launch check names the key first."""
+    read_only(case_root, None)
+    overrides = [f"paths.log_dir={case_root}/readonly/logs", *(["optimizer.lr=1e-5,2e-5"] if multirun else [])]
+    with effective_user(NOBODY), pytest.raises(ConfigError, match=rf"paths.log_dir={case_root}/readonly/logs: "
+                                                                  rf"{case_root}/readonly is not writable"):
+        check_command_line(overrides, multirun=multirun)
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=/proc/1/x: /proc/1 is not writable"):
+        check_command_line(["hydra.run.dir=/proc/1/x"])
+    assert not any((case_root / "readonly").iterdir())
 
 
 def test_traces_are_shown_only_when_asked(monkeypatch):

@@ -13,7 +13,7 @@ from fulltune.finetune import apply_finetune
 from fulltune.launch import resolve_hardware
 from fulltune.models import build_model, load_tokenizer
 from fulltune.optim import optimizer_for_precision
-from fulltune.preflight import CONF_DIR, ConfigError, check_override_keys
+from fulltune.preflight import CONF_DIR, ConfigError, check_command_line
 
 from .conftest import REPO, compose_config
 
@@ -57,8 +57,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path, cache_dir):
 
 def test_unknown_key_names_the_closest_valid_key():
     with pytest.raises(ConfigError, match=r"Did you mean 'trainer.max_steps'"):
-        check_override_keys(["model=tiny", "trainer.max_stepz=3"])
-    check_override_keys(["model=tiny", "trainer.max_steps=3", "+trainer.new_flag=1", "optimizer.lr=1e-5,2e-5"])
+        check_command_line(["model=tiny", "trainer.max_stepz=3"])
+    check_command_line(["model=tiny", "trainer.max_steps=3", "+trainer.new_flag=1", "optimizer.lr=1e-5,2e-5"])
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from fulltune.preflight import CONF_DIR, check_override_keys, config_groups
+from fulltune.preflight import CONF_DIR, check_command_line, config_groups
 from fulltune.report import write_report
 from fulltune.train import train
 
@@ -131,7 +131,7 @@ def test_wandb_sweep_drives_train_py_with_overrides_that_compose(sweep_file, mul
         # exactly the argv items the W&B agent builds (wandb's own function), then Hydra on them
         args = create_sweep_command_args({"args": {n: {"value": v} for n, v in zip(names, combination, strict=True)}})
         overrides = [*fixed, *args["args_no_hyphens"]]
-        check_override_keys(overrides)  # what train.py checks before Hydra: every key is a real one
+        check_command_line(overrides)  # what train.py checks before Hydra: every key is a real one
         cfg = compose_config(overrides, tmp_path, cache_dir)
         for name, value in zip(names, combination, strict=True):
             if name not in config_groups():  # a group's option is checked by composing it at all

@@ -26,11 +26,13 @@ def config_groups() -> set[str]:
     return {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
 
 
-def check_override_keys(overrides: list[str]) -> None:
-    """Fail on `key=value` overrides whose key does not exist, and on `group=option` overrides whose
-    option does not, naming the closest valid ones.
+def check_command_line(overrides: list[str], multirun: bool = False) -> None:
+    """What Hydra would fail on with a trace of its own, checked before it runs: unknown keys and
+    group options (each named with the closest valid ones), and a run dir (`hydra.run.dir`, or
+    `hydra.sweep.dir` for a multirun) it could not create, e.g. under a read-only `paths.log_dir`.
 
-    Hydra alone says only "Key 'x' is not in struct"; group options it already lists.
+    Hydra alone says only "Key 'x' is not in struct", and creates the run dir before fulltune's code
+    runs. Sweep overrides are checked at their first value.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -40,33 +42,48 @@ def check_override_keys(overrides: list[str]) -> None:
     for o in parsed:
         if o.key_or_group in groups and not o.is_delete() and not o.key_or_group.startswith("hydra"):
             check_group_option(o)
-    selections = [
-        f"{o.get_key_element()}={next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value()}"
-        for o in parsed
-        if o.key_or_group in groups and not o.is_delete()
-    ]
-    to_check = [
-        o.key_or_group for o in parsed
-        if o.key_or_group not in groups and not o.is_add() and not o.is_force_add() and not o.is_delete()
-        and not o.key_or_group.startswith("hydra")
-    ]
-    if not to_check:
-        return
+
+    def first_choice(o: Override) -> str:
+        value = next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value()
+        return f"{o.get_key_element()}={value}"
+
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        selections = [first_choice(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
         cfg = compose("train", overrides=selections)
-    for key in to_check:
-        parent_key, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if isinstance(parent, DictConfig) and leaf in parent:
-            continue
-        if not isinstance(parent, DictConfig):
-            raise ConfigError(f"Unknown config key '{key}': '{parent_key}' is not a config node.")
-        close = difflib.get_close_matches(leaf, list(parent.keys()), n=3)
-        hint = f" Did you mean {', '.join(repr(f'{parent_key}.{c}'.lstrip('.')) for c in close)}?" if close else ""
-        raise ConfigError(
-            f"Unknown config key '{key}'.{hint} Valid keys under '{parent_key or '<root>'}': "
-            f"{', '.join(sorted(map(str, parent.keys())))}. To add a new key on purpose, write +{key}=..."
-        )
+        to_check = [
+            o.key_or_group for o in parsed
+            if o.key_or_group not in groups and not o.is_add() and not o.is_force_add() and not o.is_delete()
+            and not o.key_or_group.startswith("hydra")
+        ]
+        for key in to_check:
+            check_key(cfg, key)
+        try:
+            cfg = compose("train", overrides=[first_choice(o) if o.is_sweep_override() else o.input_line
+                                              for o in parsed], return_hydra_config=True)
+        except Exception:  # noqa: BLE001 - what else Hydra refuses, it reports in its own words
+            return
+    run_dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    run_dir, log_dir = str(OmegaConf.select(cfg, run_dir_key)), str(cfg.paths.log_dir)
+    if Path(run_dir).absolute().is_relative_to(Path(log_dir).absolute()):
+        check_writable("paths.log_dir", log_dir)
+    else:
+        check_writable(run_dir_key, run_dir)
+
+
+def check_key(cfg: DictConfig, key: str) -> None:
+    """`key` exists in the composed config; otherwise name the closest keys beside it."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if isinstance(parent, DictConfig) and leaf in parent:
+        return
+    if not isinstance(parent, DictConfig):
+        raise ConfigError(f"Unknown config key '{key}': '{parent_key}' is not a config node.")
+    close = difflib.get_close_matches(leaf, list(parent.keys()), n=3)
+    hint = f" Did you mean {', '.join(repr(f'{parent_key}.{c}'.lstrip('.')) for c in close)}?" if close else ""
+    raise ConfigError(
+        f"Unknown config key '{key}'.{hint} Valid keys under '{parent_key or '<root>'}': "
+        f"{', '.join(sorted(map(str, parent.keys())))}. To add a new key on purpose, write +{key}=..."
+    )
 
 
 def check_group_option(override: Override) -> None:

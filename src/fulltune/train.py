@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fulltune.errors import exit_on_user_error
-from fulltune.preflight import CONF_DIR, check_override_keys, preflight
+from fulltune.preflight import CONF_DIR, check_command_line, preflight
 
 if TYPE_CHECKING:
     from fulltune.data import FineTuneDataModule
@@ -246,7 +246,9 @@ def main() -> None:
         with exit_on_user_error(debug=cfg.get("debug", False)):
             train(cfg)
         return
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
     overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
-    with exit_on_user_error():
-        check_override_keys(overrides)
+    if set(flags) <= {"-m", "--multirun"}:  # --help, --cfg ...: Hydra answers without a run dir
+        with exit_on_user_error():
+            check_command_line(overrides, multirun=bool(flags))
     _hydra_main()
