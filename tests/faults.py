@@ -6,6 +6,7 @@ resumed segment runs clean."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -82,7 +83,8 @@ class KillBeforeWrite(L.Callback):
 
 class PoisonSteps(L.Callback):
     """NaN input embeddings, hence a NaN loss and NaN gradients, in optimizer steps `steps` (1-based) on
-    rank `rank` only: the other ranks see finite numbers of their own."""
+    rank `rank` only: the other ranks see finite numbers of their own. At the end every rank's sum of
+    its weights goes to `fault-weight-sums.json`, so a test can see that the ranks never diverged."""
 
     def __init__(self, steps: list[int], rank: int = 0) -> None:
         self.steps, self.rank = set(steps), rank
@@ -97,6 +99,13 @@ class PoisonSteps(L.Callback):
         if self._hook is not None and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self._hook.remove()
             self._hook = None
+
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        total = sum(p.detach().double().sum() for p in pl_module.parameters())
+        sums = trainer.strategy.all_gather(total.reshape(1)).flatten().tolist()
+        if trainer.is_global_zero:
+            (Path(trainer.default_root_dir) / "fault-weight-sums.json").write_text(json.dumps(sums))
 
 
 class DiskFullAfterStep(L.Callback):

@@ -151,6 +151,20 @@ def strategy_run(tmp_path_factory, cache_dir: Path, strategy: str, *extra: str) 
     return _RUNS[key]
 
 
+def ddp_multirun(tmp_path_factory, cache_dir: Path) -> list[Path]:
+    """`train.py -m` of two 2-process DDP jobs of EQUAL_RUN, memoised; their dirs. The sweep is over
+    a fault: job 0 gets NaN activations on rank 1 alone in steps 1-2 (tests.faults.PoisonSteps), job 1
+    none, so it must equal the standalone ddp run."""
+    if "multirun" not in _RUNS:
+        out = root(tmp_path_factory) / "multirun"
+        run_command([sys.executable, "train.py", "-m", *EQUAL_RUN, *from_pretrained(tmp_path_factory, cache_dir),
+                     "strategy=ddp", "trainer.devices=2", "+callbacks.poison._target_=tests.faults.PoisonSteps",
+                     "+callbacks.poison.rank=1", "+callbacks.poison.steps=[1,2],[]", f"paths.cache_dir={cache_dir}",
+                     f"paths.log_dir={out / 'logs'}", f"hydra.sweep.dir={out / 'sweep'}"])
+        _RUNS["multirun"] = out
+    return sorted(p for p in (_RUNS["multirun"] / "sweep").iterdir() if p.is_dir())
+
+
 def single_device_run(tmp_path_factory, cache_dir: Path) -> Path:
     """The shared run of EQUAL_RUN in one process with the 2 ranks' rows (16), in-process: equal to ddp."""
     if "single" not in _RUNS:

@@ -160,6 +160,6 @@ def test_command_line(run, tmp_path):
                             capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters() == 106_816
-    result = subprocess.run([*command, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "not a checkpoint this project writes" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as failed:  # the same entry point, in-process
+        main([str(tmp_path)])
+    assert failed.value.code != 0 and "not a checkpoint this project writes" in str(failed.value.code)

@@ -53,5 +53,5 @@ def test_harness_scores_the_untouched_model_before_and_reports_forgetting(tiny_c
     # "before" is the untouched model: the same task on a freshly built model gives the same number.
     fresh = HFLM(pretrained=build_model(cfg.model).eval(), tokenizer=load_tokenizer(cfg.model), batch_size=8)
     direct = lm_eval.simple_evaluate(model=fresh, tasks=["tiny_dates_ll"], limit=8, log_samples=False,
-                                     task_manager=TaskManager(include_path=local_task))
+                                     task_manager=TaskManager(include_path=local_task, include_defaults=False))
     assert direct["results"]["tiny_dates_ll"]["perplexity,none"] == pytest.approx(before, rel=1e-5)

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fulltune.preflight import CONF_DIR
 
 from .strategy_runs import (
     EQUAL_RUN,
     assert_same_training,
+    ddp_multirun,
     from_pretrained,
     run_command,
     strategy_run,
@@ -48,21 +50,15 @@ def test_two_nodes_under_torchrun_train_like_two_devices(run, tmp_path, tmp_path
     assert_same_training(run("ddp"), out, "torchrun 2 nodes x 1 process")
 
 
-def test_multirun_of_ddp_jobs_runs_every_job_in_its_own_dir(run, tmp_path, tmp_path_factory, cache_dir):
+def test_multirun_of_ddp_jobs_runs_every_job_in_its_own_dir(run, tmp_path_factory, cache_dir):
     """`train.py -m ... strategy=ddp`: each job's second rank runs that job (not the whole sweep again,
     pytorch-lightning #11300), in that job's output dir; the last job equals a standalone run."""
-    sweep = tmp_path / "sweep"
-    overrides = [o for o in EQUAL_RUN if not o.startswith("optimizer.lr=")]
-    command = [sys.executable, "train.py", "-m", *overrides, *from_pretrained(tmp_path_factory, cache_dir),
-               "strategy=ddp", "trainer.devices=2", "optimizer.lr=1e-3,3e-3", f"paths.cache_dir={cache_dir}",
-               f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}"]
-    run_command(command)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = ddp_multirun(tmp_path_factory, cache_dir)
     assert [p.name for p in jobs] == ["0_tiny-full", "1_tiny-full"]
-    for job, lr in zip(jobs, ("0.001", "0.003"), strict=True):
-        assert f"lr: {lr}" in (job / "config.yaml").read_text()
+    for job, steps in zip(jobs, ([1, 2], []), strict=True):
+        assert OmegaConf.load(job / "config.yaml").callbacks.poison.steps == steps
         assert (job / "summary.json").is_file() and (job / "hf" / "model.safetensors").is_file()
-    assert not (tmp_path / "logs").exists()  # no rank resolved a run dir of its own
+    assert not (jobs[0].parents[1] / "logs").exists()  # no rank resolved a run dir of its own
     assert_same_training(run("ddp"), jobs[1], "multirun job 2 (ddp)")
 
 

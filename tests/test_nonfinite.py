@@ -1,17 +1,23 @@
 """A NaN loss and NaN gradients injected into chosen steps (tests.faults.PoisonSteps): the step is
-skipped, counted and logged; too many in a row stop the run with a message."""
+skipped, counted and logged, on every rank when only one sees them; too many in a row stop the run
+with a message."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
 
+from fulltune.export import read_checkpoint
 from fulltune.preflight import ConfigError
 from fulltune.train import fit
 
+from .strategy_runs import ddp_multirun, hf_weights, max_abs_diff, pretrained_tiny
+
 POISON = "+callbacks.poison._target_=tests.faults.PoisonSteps"
+KEY = "train/nonfinite_skipped_steps"
 
 
 def test_a_nan_step_is_skipped_counted_and_logged(tiny_cfg, tmp_path):
@@ -24,9 +30,8 @@ def test_a_nan_step_is_skipped_counted_and_logged(tiny_cfg, tmp_path):
         assert torch.equal(before, step[2]["state_dict"][key]) and torch.isfinite(step[3]["state_dict"][key]).all()
     moments = [(s["optimizer_states"][0]["state"][0]["exp_avg"]) for s in step.values()]
     assert torch.equal(moments[0], moments[1]) and not torch.equal(moments[1], moments[2])
-    key = "train/nonfinite_skipped_steps"
     with (tmp_path / "csv" / "metrics.csv").open() as f:
-        logged = [float(row[key]) for row in csv.DictReader(f) if row[key]]
+        logged = [float(row[KEY]) for row in csv.DictReader(f) if row[KEY]]
     assert logged == [0.0, 1.0, 1.0]
 
 
@@ -37,3 +42,23 @@ def test_consecutive_nan_steps_stop_the_run_keeping_the_last_checkpoint(tiny_cfg
                                           r"norm.*last complete checkpoint is \S+step000003.ckpt"):
         fit(cfg)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_nan_on_one_ddp_rank_skips_the_step_on_every_rank(tmp_path_factory, cache_dir):
+    """2-process DDP (job 0 of the shared multirun): NaN activations on rank 1 alone in steps 1 and 2.
+    Neither rank steps: the step-2 checkpoint holds the pretrained weights exactly and no optimizer
+    state; steps 3-4 train on; both skips are logged, and the two ranks end with the same weights."""
+    job = ddp_multirun(tmp_path_factory, cache_dir)[0]
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["train/nonfinite_skipped_steps"] == 2.0 and summary["global_step"] == 4
+    step2 = torch.load(job / "checkpoints" / "step000002.ckpt", weights_only=False)
+    assert step2["optimizer_states"][0]["state"] == {}
+    pretrained = hf_weights(pretrained_tiny(tmp_path_factory, cache_dir))
+    trained = {name: load() for name, load in read_checkpoint(job / "checkpoints" / "step000002.ckpt")[1]}
+    assert max_abs_diff(pretrained, {k: v for k, v in trained.items() if k in pretrained}) == 0.0
+    assert 0 < max_abs_diff(pretrained, hf_weights(job / "hf")) < float("inf")
+    sums = json.loads((job / "fault-weight-sums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
+    with (job / "csv" / "metrics.csv").open() as f:
+        logged = [float(row[KEY]) for row in csv.DictReader(f) if row[KEY]]
+    assert logged == [1.0, 2.0, 2.0, 2.0]

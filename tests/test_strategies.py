@@ -18,8 +18,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from fulltune.module import CausalLMModule
-from fulltune.preflight import ConfigError, preflight
-from fulltune.strategies import DeepSpeedStrategy, FSDP2Strategy, check_strategy, optimizer_for
+from fulltune.preflight import ConfigError, check_strategy, preflight
+from fulltune.strategies import DeepSpeedStrategy, FSDP2Strategy, optimizer_for
 from fulltune.train import fit
 
 from .conftest import compose_config

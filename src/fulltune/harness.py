@@ -7,6 +7,8 @@ any lm-eval task: the harness's own (online) or local YAML task definitions over
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 
 from fulltune.evaluate import BeforeAfterEvaluation, eval_mode
@@ -30,17 +32,17 @@ class HarnessEvaluation(BeforeAfterEvaluation):
         self.limit = limit
         self.num_fewshot = num_fewshot
         self.batch_size = batch_size
+        self._task_manager: Any = None
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         """`{"<task>/<metric>": value}` for every numeric metric lm-eval reports (stderrs left out)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         with eval_mode(module.model) as model:
             lm = HFLM(pretrained=model, tokenizer=trainer.datamodule.tokenizer, batch_size=self.batch_size)
             out = lm_eval.simple_evaluate(
-                model=lm, tasks=self.tasks, task_manager=TaskManager(include_path=self.include_path),
+                model=lm, tasks=self.tasks, task_manager=self.task_manager(),
                 limit=self.limit, num_fewshot=self.num_fewshot, log_samples=False,
                 bootstrap_iters=0,  # no stderrs: their bootstrap forks a Pool, which can hang in a threaded trainer
             )
@@ -50,6 +52,18 @@ class HarnessEvaluation(BeforeAfterEvaluation):
             for metric, value in metrics.items()
             if isinstance(value, int | float) and "stderr" not in metric
         }
+
+    def task_manager(self) -> Any:
+        """lm-eval's task index, built once for both evaluations. Indexing its thousands of built-in
+        tasks takes ~8 s: skipped when `include_path` defines every task asked for."""
+        from lm_eval.tasks import TaskManager
+
+        if self._task_manager is None:
+            if self.include_path:
+                local = TaskManager(include_path=self.include_path, include_defaults=False)
+                self._task_manager = local if set(self.tasks) <= set(local.all_tasks) else None
+            self._task_manager = self._task_manager or TaskManager(include_path=self.include_path)
+        return self._task_manager
 
     def derived(self, after: dict[str, float]) -> dict[str, float]:
         return {f"forgetting/{k}": self.results[f"harness/{k}_before"] - v for k, v in after.items()}

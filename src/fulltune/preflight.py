@@ -128,6 +128,7 @@ def preflight(cfg: DictConfig) -> None:
             "only when a micro-batch is one row, so these rows would attend across examples. Use "
             "model.attn_implementation=sdpa (its block-diagonal mask keeps them apart), or data.batch_size=1 "
             "with a longer data.max_length.")
+    check_strategy(cfg)
     check_devices(cfg.trainer)
     if not cfg.get("dry_run"):
         for key in ("paths.output_dir", "paths.cache_dir"):
@@ -179,3 +180,20 @@ def check_writable(key: str, path: str) -> None:
             f"{key}={path}: {existing} is not writable by this user (read-only or someone else's). Point {key} "
             "at a writable directory, or fix its permissions."
         )
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Strategy x precision x install combinations that cannot run, each as one message with the fix."""
+    import importlib.util
+
+    name, precision = cfg.strategy.name, cfg.precision.value
+    family = name.split("_", 1)[0]
+    if family == "fsdp" and precision == "16-mixed":
+        raise ConfigError(f"strategy={name} does not support precision=fp16_mixed (FSDP2 has no fp16 loss scaling "
+                          "in Lightning); use precision=bf16_mixed (sm80+ GPUs) or a deepspeed_zero* strategy.")
+    if family in ("fsdp", "deepspeed") and cfg.finetune.method == "lora":
+        raise ConfigError(f"finetune=lora with strategy={name} is not supported (sharded loading and export handle "
+                          "plain weights only); LoRA's trainable state is small: use strategy=ddp.")
+    if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"strategy={name} needs DeepSpeed: pip install --no-build-isolation 'fulltune[deepspeed]' "
+                          "(after torch), or use strategy=fsdp / ddp.")

@@ -276,23 +276,3 @@ def optimizer_for(strategy: Any, factory: functools.partial) -> functools.partia
 
     shared = {k: v for k, v in factory.keywords.items() if k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
     return functools.partial(DeepSpeedCPUAdam, adamw_mode=factory.func is torch.optim.AdamW, **shared)
-
-
-# -- checks -----------------------------------------------------------------------------------------------
-
-
-def check_strategy(cfg: DictConfig) -> None:
-    """Strategy x precision x install combinations that cannot run, each as one message with the fix."""
-    import importlib.util
-
-    name, precision = cfg.strategy.name, cfg.precision.value
-    family = name.split("_", 1)[0]
-    if family == "fsdp" and precision == "16-mixed":
-        raise ConfigError(f"strategy={name} does not support precision=fp16_mixed (FSDP2 has no fp16 loss scaling "
-                          "in Lightning); use precision=bf16_mixed (sm80+ GPUs) or a deepspeed_zero* strategy.")
-    if family in ("fsdp", "deepspeed") and cfg.finetune.method == "lora":
-        raise ConfigError(f"finetune=lora with strategy={name} is not supported (sharded loading and export handle "
-                          "plain weights only); LoRA's trainable state is small: use strategy=ddp.")
-    if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"strategy={name} needs DeepSpeed: pip install --no-build-isolation 'fulltune[deepspeed]' "
-                          "(after torch), or use strategy=fsdp / ddp.")

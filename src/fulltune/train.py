@@ -206,11 +206,9 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
     from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware
-    from fulltune.strategies import check_strategy
 
     resolve_hardware(cfg)
     preflight(cfg)
-    check_strategy(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return None
