@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,12 @@ REPLAY = (
 def tiny_cfg(tmp_path, cache_dir):
     """A factory: the tiny model's config with extra overrides."""
     return lambda *extra: compose_config([*TINY_FAST, *extra], tmp_path, cache_dir)
+
+
+@pytest.fixture
+def run(tmp_path_factory, cache_dir):
+    """`run(strategy, *overrides)`: the shared 2-process run of a strategy (tests/strategy_runs.py),
+    started once per session; its output dir."""
+    from .strategy_runs import strategy_run
+
+    return functools.partial(strategy_run, tmp_path_factory, cache_dir)

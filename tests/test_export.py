@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -19,12 +18,7 @@ from fulltune.preflight import ConfigError
 from fulltune.train import fit
 
 from .conftest import REPO
-from .strategy_runs import hf_weights, max_abs_diff, strategy_run, subprocess_env
-
-
-@pytest.fixture
-def run(tmp_path_factory, cache_dir):
-    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
+from .strategy_runs import hf_weights, max_abs_diff, subprocess_env
 
 
 def export_cli(capsys, checkpoint: Path, *args: str) -> Path:

@@ -32,7 +32,7 @@ def test_forgetting_is_logged_at_every_validation_and_written_to_the_summary(tin
         assert summary[f"forgetting/{name}_ppl_after"] == pytest.approx(math.exp(after))
     assert json.loads((tmp_path / "summary.json").read_text())["forgetting/general"] == summary["forgetting/general"]
     assert summary["forgetting/general_loss_before"] != summary["forgetting/replay_loss_before"]
-    assert "forgetting/general: loss" in caplog.text and "never trained on" in caplog.text
+    assert "forgetting/general, held-out general text" in caplog.text and "never trained on" in caplog.text
     assert "in-distribution replay loss" in caplog.text
 
     with open(tmp_path / "csv" / "metrics.csv") as f:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -20,14 +18,8 @@ from .strategy_runs import (
     ddp_multirun,
     from_pretrained,
     run_command,
-    strategy_run,
     train_command,
 )
-
-
-@pytest.fixture
-def run(tmp_path_factory, cache_dir):
-    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
 
 
 def free_port() -> int:

@@ -62,3 +62,40 @@ def test_a_nan_on_one_ddp_rank_skips_the_step_on_every_rank(tmp_path_factory, ca
     with (job / "csv" / "metrics.csv").open() as f:
         logged = [float(row[KEY]) for row in csv.DictReader(f) if row[KEY]]
     assert logged == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_fp16_loss_scale_skips_are_logged_and_left_to_the_scaler(tiny_cfg, tmp_path):
+    """fp16 loss scaling with torch's GradScaler (run here on CPU through Lightning's own fp16 plugin;
+    users' fp16 runs are on GPUs): a first scale too large overflows the first steps' gradients, the
+    scaler skips those steps and halves the scale each time. The guard logs the scale and the skips,
+    and leaves them to the scaler: it counts none itself, and Adam stepped only on the other steps."""
+    import functools
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from fulltune.models import load_tokenizer
+    from fulltune.module import CausalLMModule
+    from fulltune.resilience import NonFiniteGuard
+
+    cfg = tiny_cfg()
+    module = CausalLMModule(model=cfg.model, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+                            scheduler=instantiate(cfg.scheduler))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    guard = NonFiniteGuard()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                        callbacks=[guard], logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model), seed=0))
+
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_scale")]
+    scales = [float(r["train/loss_scale"]) for r in rows]
+    skips = [float(r["train/loss_scale_skips"]) for r in rows]
+    halvings = sum(b == a / 2 for a, b in zip([2.0**24, *scales[:-1]], scales, strict=True))
+    assert 0 < halvings < 8 and skips[-1] == halvings and scales[-1] == 2.0**24 / 2**halvings
+    assert guard.skipped == 0 and all(float(r[KEY]) == 0 for r in rows)
+    adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert adam_steps == {8 - halvings}

@@ -4,12 +4,9 @@ requeue it, and `resume=auto` continues exactly."""
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
-
-import pytest
 
 from fulltune.checkpointing import latest_checkpoint
 from fulltune.report import read_history
@@ -21,7 +18,6 @@ from .strategy_runs import (
     run_command,
     single_device_run,
     start_command,
-    strategy_run,
     train_command,
     wait_command,
     wait_for,
@@ -29,11 +25,6 @@ from .strategy_runs import (
 
 HOLD_IN_STEP_2 = ["+callbacks.hold._target_=tests.faults.HoldAtStep", "+callbacks.hold.step=2",
                   "+callbacks.hold.micro=1"]  # before the second micro-batch of step 2
-
-
-@pytest.fixture
-def run(tmp_path_factory, cache_dir):
-    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
 
 
 def test_sigterm_to_rank_0_finishes_the_step_saves_and_the_run_continues_exactly(run, tmp_path, tmp_path_factory,

@@ -5,7 +5,6 @@ steps equal an uninterrupted run's within 1e-6 (fp32, CPU; 2 processes where sha
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 import signal
@@ -28,16 +27,10 @@ from .strategy_runs import (
     run_command,
     single_device_run,
     start_command,
-    strategy_run,
     train_command,
     wait_command,
     wait_for,
 )
-
-
-@pytest.fixture
-def run(tmp_path_factory, cache_dir):
-    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
 
 
 def test_single_device_run_killed_mid_save_resumes_exactly_with_the_same_command(tmp_path, tmp_path_factory,

@@ -30,17 +30,11 @@ from .strategy_runs import (
     from_pretrained,
     single_device_run,
     step_losses,
-    strategy_run,
 )
 
 # (strategy, extra overrides): fsdp_offload also recomputes activations (non-reentrant checkpointing)
 SHARDED = [("fsdp",), ("fsdp_offload", "model.gradient_checkpointing=true"), ("deepspeed_zero1",),
            ("deepspeed_zero2",), ("deepspeed_zero3",)]
-
-
-@pytest.fixture
-def run(tmp_path_factory, cache_dir):
-    return functools.partial(strategy_run, tmp_path_factory, cache_dir)
 
 
 # -- proven equal -------------------------------------------------------------------------------------

@@ -54,8 +54,13 @@ class StepProgressBar(RichProgressBar):
             self._update(self.train_progress_bar_id, trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
-        self._update(self.train_progress_bar_id, trainer.global_step)
+        """Lightning's, drawn once per micro-batch at the optimizer step (not twice, once at its index)."""
+        if not self.is_disabled and self.train_progress_bar_id is None:  # a mid-epoch resume
+            self._initialize_train_progress_bar_id()
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+        self._update_metrics(trainer, module)
+        self.refresh()
 
 
 def header(cfg: Any, total: int, trainable: int, plan_bytes: int | None) -> str:

@@ -153,10 +153,12 @@ class ForgettingEvaluation(L.Callback):
             path = self.cache_dir / f"{module.spec.name}-{name}-{key}.json"
         cached = json.loads(path.read_text())["loss"] if trainer.is_global_zero and path and path.exists() else None
         cached = trainer.strategy.broadcast(cached)
+        what = f"forgetting/{name}, {describe_set(self.sets[name])}: pretrained loss"
         if cached is not None:
-            rank_zero_info(f"forgetting/{name}: pretrained loss {cached:.4f} reused from {path}")
+            rank_zero_info(f"{what} {cached:.4f} (reused from {path})")
             return float(cached)
         loss = mean_token_loss(module, loader)
+        rank_zero_info(f"{what} {loss:.4f}")
         if trainer.is_global_zero and path is not None:
             record = {"model": module.spec.name, "set": name, "spec": self.sets[name], "loss": loss}
             write_text(path, json.dumps(record))
@@ -194,11 +196,6 @@ class ForgettingEvaluation(L.Callback):
             })
         for logger in trainer.loggers:
             logger.log_metrics(self.results, step=trainer.global_step)
-        rank_zero_info("\n".join(
-            f"forgetting/{name}: loss {before:.4f} -> {now[f'forgetting/{name}_loss']:.4f} "
-            f"(forgetting {now[f'forgetting/{name}']:+.4f}; > 0 is worse) on {describe_set(self.sets[name])}"
-            for name, before in self.before.items() if name in self.loaders
-        ))
 
     def state_dict(self) -> dict:
         return {"before": self.before}

@@ -38,6 +38,10 @@ class NonFiniteGuard(L.Callback):
         self._last_scale: float | None = None
         self.loss_scale_skips = 0
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # restored by now when resuming
+        self._last_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach()).all()  # a tensor: no device sync per micro-batch
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad

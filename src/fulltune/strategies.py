@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
-from omegaconf import DictConfig
 from torch import nn
 
 from fulltune.preflight import ConfigError
