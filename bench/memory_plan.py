@@ -35,6 +35,7 @@ CASES = {
     "qwen-bf16true-auto": ("qwen2_5_0_5b", "bf16_true", "auto", 1, 1, 1024, 1024),
     "smollm2-fp32-ddp": ("smollm2_135m", "fp32", "ddp", 2, 4, 256, 1024),
     "smollm2-fp32-fsdp": ("smollm2_135m", "fp32", "fsdp", 2, 4, 256, 1024),
+    "smollm2-fp32-zero1": ("smollm2_135m", "fp32", "deepspeed_zero1", 2, 4, 256, 1024),
     "smollm2-fp32-zero2": ("smollm2_135m", "fp32", "deepspeed_zero2", 2, 4, 256, 1024),
     "smollm2-fp32-zero3": ("smollm2_135m", "fp32", "deepspeed_zero3", 2, 4, 256, 1024),
     "smollm2-fp32-auto-fulllogits": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 0),
@@ -48,25 +49,37 @@ def _status_bytes(key: str) -> int:
 
 
 class PeakRSS(L.Callback):
-    """Each rank's peak RSS growth from just before `configure_model` to the end of training, and
-    its step times, written to `<root>/peak_rss_<rank>.json`."""
+    """Each rank's peak RSS growth from just before `configure_model` to the end of training, its
+    step times, and its RSS growth at each phase of each step (after forward, after backward, after
+    the step: which parts of the plan coexist), written to `<root>/peak_rss_<rank>.json`."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from fulltune.telemetry import reset_peak_memory
 
         reset_peak_memory()
-        self.start, self.steps = _status_bytes("VmRSS"), []
+        self.start, self.steps, self.phases = _status_bytes("VmRSS"), [], []
+
+    def _phase(self, trainer: L.Trainer, name: str) -> None:
+        self.phases.append((trainer.global_step + 1, name, (_status_bytes("VmRSS") - self.start) / 2**20))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.step_start = time.perf_counter()
 
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss) -> None:
+        self._phase(trainer, "forward done")
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._phase(trainer, "backward done")
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self.steps.append(time.perf_counter() - self.step_start)
+        self._phase(trainer, "step done")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         growth = _status_bytes("VmHWM") - self.start
         path = Path(trainer.default_root_dir) / f"peak_rss_{trainer.global_rank}.json"
-        path.write_text(json.dumps({"rank": trainer.global_rank, "growth": growth, "steps": self.steps}))
+        path.write_text(json.dumps({"rank": trainer.global_rank, "growth": growth, "steps": self.steps,
+                                    "phases_mib": self.phases}))
 
 
 def overrides(model: str, precision: str, strategy: str, processes: int, batch: int, length: int,
@@ -106,10 +119,11 @@ def measure(name: str) -> dict:
         if done.returncode:
             raise RuntimeError(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         ranks = [json.loads(p.read_text()) for p in Path(out).glob("peak_rss_*.json")]
-    growth = max(r["growth"] for r in ranks)
+    largest = max(ranks, key=lambda r: r["growth"])
     planned = planned_bytes(args)
-    return {"case": name, "planned_mib": planned / 2**20, "measured_mib": growth / 2**20,
-            "measured_over_planned": growth / planned, "step_s": statistics.median(ranks[0]["steps"][1:])}
+    return {"case": name, "planned_mib": planned / 2**20, "measured_mib": largest["growth"] / 2**20,
+            "measured_over_planned": largest["growth"] / planned, "step_s": statistics.median(ranks[0]["steps"][1:]),
+            "phases_mib": largest["phases_mib"]}
 
 
 def main() -> None:

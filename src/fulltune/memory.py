@@ -61,7 +61,8 @@ NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-qu
 CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
 # DeepSpeed's reduce_bucket_size in elements (fulltune passes its own ZeRO config, so DeepSpeed's defaults
 # hold, not Lightning's 2e8): one contiguous-gradients buffer at every stage (ZeRO-1/2 would double it with
-# overlap_comm, off by default there). `torch.empty`: a GPU holds it all, CPU RSS only the pages written.
+# overlap_comm, off by default there). `torch.empty`: a GPU holds it all, CPU RSS only the pages written:
+# ZeRO-2/3 write the gradients into it during backward, ZeRO-1 only when it reduces, after backward.
 DEEPSPEED_BUCKET = 500_000_000
 # Bytes per token per decoder layer saved around the two RMSNorms: fp32 keeps x, x*rsqrt and the output;
 # 16-bit weights keep an fp32 upcast plus 16-bit normalised input and output; autocast keeps x and
@@ -360,6 +361,11 @@ def build_memory_plan(
 
     weights, cpu_w = place(quantized * NF4_BYTES + (total - quantized) * weight_b, 3)
     gradients, cpu_g = place(trainable * grad_b, 2)
+    # ZeRO-2 allocates its gradient partition at the first bucket reduce. A model within one bucket
+    # reduces once, at the end of backward, after its activations are freed: the peak holds the
+    # gradients in the bucket only (measured on CPU: the partition appears after backward).
+    grads_after_peak = strategy == "deepspeed_zero2" and trainable <= DEEPSPEED_BUCKET
+    gradients = 0 if grads_after_peak else gradients
     master, cpu_m = place(trainable * master_b, 1)
     states, cpu_s = place(trainable * n_states * state_b, 1)
     if mode == "autocast":
@@ -370,8 +376,10 @@ def build_memory_plan(
         compute = 0
     if strategy == "ddp":
         buffers = trainable * grad_b  # DDP buckets: a second gradient copy unless gradient_as_bucket_view
-    elif strategy.startswith("deepspeed"):
-        buffers = (DEEPSPEED_BUCKET if device == "cuda" else min(DEEPSPEED_BUCKET, trainable)) * grad_b
+    elif device == "cuda" and strategy.startswith("deepspeed"):
+        buffers = DEEPSPEED_BUCKET * grad_b  # allocated whole when backward starts
+    elif strategy.startswith("deepspeed") and stage >= 2:  # CPU: written as backward fills it
+        buffers = min(DEEPSPEED_BUCKET, trainable) * grad_b
     else:
         buffers = 0
     method = _method(total, trainable, lora_rank, quantize_base)
@@ -422,6 +430,8 @@ def build_memory_plan(
             "logits": f"{min(loss_chunk_tokens, tokens)} label tokens x {arch.vocab} vocab per chunk + hidden states"
             if loss_chunk_tokens > 0 else f"full logits: {tokens} tokens x {arch.vocab} vocab x {FULL_LOGITS_BYTES} B",
             "optimizer_step": f"{impl}: {step / GiB:.2f} GiB, after activations are freed",
+            **({"gradients": f"1/{n} shard, filled after backward (the bucket holds them until then)"}
+               if grads_after_peak else {}),
         },
     )
 
