@@ -105,7 +105,7 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     plan = build_memory_plan(arch, **{**settings, "device": device})
     step_s = statistics.median(times[2:] or times)
     tokens_per_s = batch * seq_len / step_s
-    flops = model_flops(arch, batch * seq_len, batch * (seq_len - 1), seq_len, label_head=loss == "chunked")
+    flops = model_flops(arch, batch * seq_len, batch * (seq_len - 1), batch * seq_len**2, label_head=loss == "chunked")
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
     return {
         "model": model, "precision": precision, "checkpointing": checkpointing, "batch": batch, "seq_len": seq_len,

@@ -270,7 +270,7 @@ def _label_count(labels: Any) -> Any:
 def _example_flops(arch: Any, batch: dict) -> Any:
     """Model FLOPs of a micro-batch (`fulltune.telemetry.model_flops`) counted per example, however the
     tool lays its examples out (one per padded row, several per packed row, all in one flattened row):
-    each attends over its own n tokens, as telemetry counts a row of n, and the LM head runs on label
+    each attends over its own n tokens, as fulltune.telemetry counts them, and the LM head runs on label
     positions for every tool, so the same examples are the same work. Σ over an example's tokens of
     (2 · position + 1) is n², which gives each token its share without finding the examples."""
     import torch
@@ -285,7 +285,7 @@ def _example_flops(arch: Any, batch: dict) -> Any:
         index = torch.arange(labels.size(1), device=labels.device)
         real = index <= torch.where(labels != -100, index, -1).amax(1, keepdim=True)
         position = batch["position_ids"]
-    attended = model_flops(arch, real.double(), 0, 2 * position + 1).sum()
+    attended = model_flops(arch, real.double(), 0, real.double() * (2 * position + 1)).sum()
     return attended + model_flops(arch, 0, _label_count(labels).double(), 0)
 
 

@@ -32,7 +32,8 @@ def test_every_data_config_builds_batches_of_the_contract(tok, cache_dir, tmp_pa
     loader = dm.train_dataloader()
     assert len(loader) == dm.num_train_batches(1) > 0
     batch = next(iter(loader))
-    keys = {"input_ids", "labels", "position_ids", "window_label_tokens", "nonpad_fraction", "num_examples"}
+    keys = {"input_ids", "labels", "position_ids", "window_label_tokens", "nonpad_fraction", "num_examples",
+            "squared_lengths"}
     assert set(batch) == keys | (set() if dm.packing else {"attention_mask"})
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
     assert batch["input_ids"].shape[0] <= cfg.data.batch_size and batch["input_ids"].shape[1] <= cfg.data.max_length

@@ -71,8 +71,10 @@ def test_collate_positions_and_padding_segments():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 9, -100, -100, -100]]
     assert batch["input_ids"][1].tolist() == [8, 9, 2, 2, 2]
     assert batch["nonpad_fraction"].item() == pytest.approx(7 / 10)
+    assert batch["squared_lengths"].item() == 3**2 + 2**2 + 2**2  # attention within each example only
     padded = collate([[a], [b]], pad_id=2, packed=False)
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded["squared_lengths"].item() == 3**2 + 2**2  # not the padded width's 2 * 3**2
     assert padded["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
 
 

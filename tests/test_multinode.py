@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -66,15 +65,3 @@ def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer():
     assert launcher.partition == "gpu" and launcher.timeout_min > 0
     params = {k: launcher[k] for k in launcher if k not in ("_target_", "submitit_folder")}
     SlurmLauncher(submitit_folder="unused", **params)  # the plugin accepts every key
-
-
-def test_submitit_runs_the_job_in_the_sweep_dir_chosen_at_submit(tmp_path, cache_dir):
-    """The slurm launcher's local twin: the job is pickled, run in another process, and writes to
-    the sweep dir printed at submit time (not one its own `${now:}` would give)."""
-    command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "~experiment", "model=tiny",
-               "trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-               "callbacks.progress_bar=null", "eval.task.num_examples=2", "eval.forgetting=null",
-               f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
-    submitted = run_command(command)
-    sweep = Path(next(line.split(" : ")[-1] for line in submitted.splitlines() if "sweep output dir" in line).strip())
-    assert sweep.parent.parent == tmp_path / "multirun" and (sweep / "0_tiny-full" / "summary.json").is_file()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from fulltune.checkpointing import latest_checkpoint
 from fulltune.report import read_history
@@ -54,20 +56,25 @@ def test_sigterm_to_rank_0_finishes_the_step_saves_and_the_run_continues_exactly
 
 
 def test_submitit_requeues_a_preempted_job_and_it_continues_exactly(tmp_path, tmp_path_factory, cache_dir):
-    """The submitit launcher (its local twin) runs the job; submitit's preemption signal (SIGUSR2) arrives
-    mid-step 2: the step finishes and is saved, then submitit's own handler requeues the job (its
-    controller starts it again), and the requeued job continues in its dir exactly."""
-    sweep = tmp_path / "sweep"
+    """The submitit launcher (its local twin) runs the job: pickled, in another process, in the sweep
+    dir printed at submit time (not one its own `${now:}` would give). Submitit's preemption signal
+    (SIGUSR2) arrives mid-step 2: the step finishes and is saved, then submitit's own handler requeues
+    the job (its controller starts it again), and the requeued job continues in its dir exactly."""
     command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *EQUAL_RUN,
                *from_pretrained(tmp_path_factory, cache_dir), "data.batch_size=16", "resume=auto", *HOLD_IN_STEP_2,
-               f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]
+               f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
     proc = start_command(command)
-    job = sweep / "0_tiny-full"
-    wait_for(job / "fault-held", proc)
-    os.kill(int((job / "fault-held").read_text()), signal.SIGUSR2)
+    deadline = time.time() + 240
+    while not (held := list(tmp_path.glob("multirun/*/*/0_tiny-full/fault-held"))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.1)
+    job = held[0].parent
+    os.kill(int(held[0].read_text()), signal.SIGUSR2)
     (job / "release").touch()
     code, output = wait_command(proc)
     assert code == 0, output[-4000:]
-    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    printed = next(line.split(" : ")[-1] for line in output.splitlines() if "sweep output dir" in line).strip()
+    assert Path(printed) == job.parent and job.parent.parent.parent == tmp_path / "multirun"
+    logs = "".join(p.read_text() for p in (job.parent / ".submitit").rglob("*_log.*"))
     assert "SIGUSR2: saved" in logs and "Requeued job" in logs
     assert_resumed_exactly(single_device_run(tmp_path_factory, cache_dir), job, 2, "submitit, SIGUSR2 + requeue")

@@ -42,8 +42,9 @@ def test_model_flops_equal_torch_flop_counter(tiny_cfg, chunk_tokens):
 
     arch = describe(module.model)
     tokens = batch_size * length
-    attention = 6 * arch.layers * arch.q_dim * length * tokens
-    assert counted["aten.mm"] == model_flops(arch, tokens, int(n_labels), length, chunk_tokens > 0) - attention
+    attention = 6 * arch.layers * arch.q_dim * batch_size * length**2
+    assert counted["aten.mm"] == model_flops(arch, tokens, int(n_labels), batch_size * length**2,
+                                             chunk_tokens > 0) - attention
     assert counted["aten.bmm"] == 2 * attention
 
 

@@ -33,7 +33,7 @@ def read_offline_run(job_dir: Path) -> tuple[dict, dict]:
 def test_optuna_trials_each_log_an_offline_wandb_run_with_config_and_summary(tmp_path, cache_dir):
     sweep_dir = tmp_path / "optuna"
     result = run_multirun(
-        sweep_dir, cache_dir, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "logger=wandb",
+        sweep_dir, cache_dir, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=wandb",
         "logger.wandb.group=optuna test", "tags=[wandb test]",
         "eval.task.batch_size=${hydra:job.num}",  # trial 0 fails inside fit (a zero batch size), after W&B started
         "+model.hub_token=${oc.env:HF_TOKEN}",  # a secret from the environment, in the config
@@ -44,14 +44,14 @@ def test_optuna_trials_each_log_an_offline_wandb_run_with_config_and_summary(tmp
     assert set(OmegaConf.load(sweep_dir / "optimization_results.yaml").best_params) == {
         "optimizer.lr", "scheduler.warmup_ratio"}
     jobs = read_csv(sweep_dir / "summary.csv")
-    assert [j["status"] for j in jobs] == ["failed", "ok", "ok"] and jobs[0]["error"].startswith("ValueError")
+    assert [j["status"] for j in jobs] == ["failed", "ok"] and jobs[0]["error"].startswith("ValueError")
 
     written = [p for p in sweep_dir.rglob("*") if p.is_file()]  # configs, hparams, logs, the W&B runs (.wandb)
-    assert sum(p.suffix == ".wandb" for p in written) == 3
+    assert sum(p.suffix == ".wandb" for p in written) == 2
     assert [p for p in written if SECRET.encode() in p.read_bytes()] == []  # checkpoints: test_security
 
     runs = [read_offline_run(sweep_dir / j["dir"]) for j in jobs]
-    assert len({state["run_id"] for state, _ in runs}) == 3  # one W&B run per job, not one for the sweep
+    assert len({state["run_id"] for state, _ in runs}) == 2  # one W&B run per job, not one for the sweep
     failed, _ = runs[0]
     assert failed["exit_code"] == 1 and "params_trainable" not in failed["summary"]
     for job, (state, record) in zip(jobs[1:], runs[1:], strict=True):

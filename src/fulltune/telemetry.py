@@ -8,9 +8,11 @@ the checkpoint, so a resumed run reports all of its segments (the work lost betw
 checkpoint and a crash is done again and counted once).
 
 FLOPs per non-pad token are the usual 6·N (forward + backward) for the decoder layers' matmuls,
-plus causal attention, 6 · layers · q_dim · T for a row of T tokens (half of PaLM's 12·L·d·T: the
-upper triangle is never needed), plus 6 · vocab · hidden for the LM head at the positions it runs
-on: label positions only under fulltune's chunked loss (fulltune.loss), every position otherwise.
+plus causal attention, 6 · layers · q_dim · n per token of an example of n tokens (half of PaLM's
+12·L·d·T: the upper triangle is never needed; a packed example attends within itself only, so a row
+of short examples does a fraction of a full row's attention work), plus 6 · vocab · hidden for the
+LM head at the positions it runs on: label positions only under fulltune's chunked loss
+(fulltune.loss), every position otherwise.
 Recomputation (gradient checkpointing) is not counted: MFU is model FLOPs, not hardware FLOPs.
 """
 
@@ -54,11 +56,13 @@ def peak_tflops(device_name: str) -> float | None:
     return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)
 
 
-def model_flops(arch: Arch, tokens: Any, label_tokens: Any, row_length: int, label_head: bool = True) -> Any:
-    """Model FLOPs (forward + backward) of a micro-batch of `tokens` non-pad tokens in rows of
-    `row_length`, `label_tokens` of them predicted; see the module docstring. Numbers or tensors."""
-    per_token = 6 * arch.layer_linear + 6 * arch.layers * arch.q_dim * row_length
-    return per_token * tokens + 6 * arch.vocab * arch.hidden * (label_tokens if label_head else tokens)
+def model_flops(arch: Arch, tokens: Any, label_tokens: Any, squared_lengths: Any, label_head: bool = True) -> Any:
+    """Model FLOPs (forward + backward) of a micro-batch of `tokens` non-pad tokens, `label_tokens` of
+    them predicted, in examples of n tokens with Σ n² = `squared_lengths`; see the module docstring.
+    Numbers or tensors."""
+    attention = 6 * arch.layers * arch.q_dim * squared_lengths
+    return 6 * arch.layer_linear * tokens + attention + 6 * arch.vocab * arch.hidden * (
+        label_tokens if label_head else tokens)
 
 
 def reset_peak_memory() -> None:
@@ -153,7 +157,7 @@ class Telemetry(L.Callback):
         ids = batch["input_ids"]
         tokens = batch["nonpad_fraction"].double() * ids.numel()
         labels = (batch["labels"][:, 1:] != -100).sum().double()
-        flops = model_flops(self.arch, tokens, labels, ids.size(1), self._label_head)
+        flops = model_flops(self.arch, tokens, labels, batch["squared_lengths"].double(), self._label_head)
         self._counts += torch.stack([tokens, labels, batch["num_examples"].to(tokens), flops])
         step = trainer.global_step
         if step != self._logged[2] and step % trainer.log_every_n_steps == 0:

@@ -8,6 +8,8 @@ Training batches (dict of tensors):
                                       every rank (the exact token-normalised loss divides by it)
     nonpad_fraction                   0-dim float: real tokens / (B * T)
     num_examples                      0-dim long: the examples in the batch (a packed row holds several)
+    squared_lengths                   0-dim long: Σ n² over those examples of n tokens (the causal attention
+                                      work: a packed example attends within itself)
 Validation: one loader per group with validation data (`val_source_names`, task first); their
 batches carry `window_label_tokens` = the batch's own label-token count.
 """

@@ -62,4 +62,5 @@ def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int, packed
             (np.arange(width)[None, :] < np.array(row_lengths)[:, None]).astype(np.int64))
     out["nonpad_fraction"] = torch.tensor(sum(row_lengths) / (batch * width), dtype=torch.float32)
     out["num_examples"] = torch.tensor(sum(len(row) for row in rows))  # packed rows hold several
+    out["squared_lengths"] = torch.tensor(sum(len(ids) ** 2 for row in rows for ids, _ in row))
     return out
