@@ -80,8 +80,9 @@ def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_
     for summary in (whole, resumed):
         assert summary["global_step"] == 8
         assert summary["tokens_seen"] == round(tokens) and summary["label_tokens_seen"] == labels
-        assert summary["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["time_s"]["train"], rel=1e-2)
-        parts = summary["time_s"]
+        parts = summary["time_s"]  # rounded to 0.01 s
+        train_s = (parts["train"] - 0.005, parts["train"] + 0.005)
+        assert tokens / train_s[1] <= summary["tokens_per_s"] <= tokens / train_s[0]  # over training time only
         assert all(v >= 0 for v in parts.values())
         assert parts["setup"] + parts["train"] + parts["evaluation"] + parts["checkpoint"] <= parts["wall"] + 0.05
         assert parts["checkpoint"] > 0 and parts["evaluation"] > 0
