@@ -146,7 +146,7 @@ def test_writer_streams_one_shard_at_a_time(tmp_path, monkeypatch):
     assert torch.equal(hf_weights(out)["w13"], torch.full((256, 256), 13.0))
 
 
-def test_command_line(run, tmp_path):
+def test_command_line(run, tmp_path, capsys):
     """The real command line: a checkpoint converts; a path that is none gets one clear message."""
     checkpoint = run("deepspeed_zero2") / "checkpoints" / "step000002.ckpt"
     command = [sys.executable, "-m", "fulltune.export"]
@@ -156,4 +156,4 @@ def test_command_line(run, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters() == 106_816
     with pytest.raises(SystemExit) as failed:  # the same entry point, in-process
         main([str(tmp_path)])
-    assert failed.value.code != 0 and "not a checkpoint this project writes" in str(failed.value.code)
+    assert failed.value.code == 2 and "not a checkpoint this project writes" in capsys.readouterr().err

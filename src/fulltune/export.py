@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fulltune.errors import USER_ERROR_EXIT
 from fulltune.preflight import ConfigError
 from fulltune.safe_load import load_checkpoint_file
 
@@ -308,8 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.checkpoint.with_name(args.checkpoint.name.removesuffix(".ckpt") + "-hf")
     try:
         print(export_checkpoint(args.checkpoint, out, shard_bytes=int(args.shard_gb * 10**9)))
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    except (ValueError, FileNotFoundError) as err:  # a path that is not a checkpoint: exit as train.py does
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 if __name__ == "__main__":
