@@ -59,6 +59,7 @@ def test_unknown_key_names_the_closest_valid_key():
     with pytest.raises(ConfigError, match=r"Did you mean 'trainer.max_steps'"):
         check_command_line(["model=tiny", "trainer.max_stepz=3"])
     check_command_line(["model=tiny", "trainer.max_steps=3", "+trainer.new_flag=1", "optimizer.lr=1e-5,2e-5"])
+    check_command_line(["model=glob(tin*)", "optimizer.lr=range(1,3)", "trainer.max_steps=3"], multirun=True)
 
 
 @pytest.mark.parametrize(

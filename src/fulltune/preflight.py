@@ -36,6 +36,7 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     groups = config_groups()
@@ -47,6 +48,7 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
         value = next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value()
         return f"{o.get_key_element()}={value}"
 
+    parsed = [o for o in parsed if o.value_type != ValueType.GLOB_CHOICE_SWEEP]  # group globs: Hydra expands them
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         selections = [first_choice(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
         cfg = compose("train", overrides=selections)
