@@ -59,13 +59,13 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
         ]
         for key in to_check:
             check_key(cfg, key)
+        run_dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         try:
             cfg = compose("train", overrides=[first_choice(o) if o.is_sweep_override() else o.input_line
                                               for o in parsed], return_hydra_config=True)
-        except Exception:  # noqa: BLE001 - what else Hydra refuses, it reports in its own words
+            run_dir, log_dir = str(OmegaConf.select(cfg, run_dir_key)), str(cfg.paths.log_dir)
+        except Exception:  # noqa: BLE001 - what else Hydra refuses (or resolves only when it runs), it reports
             return
-    run_dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    run_dir, log_dir = str(OmegaConf.select(cfg, run_dir_key)), str(cfg.paths.log_dir)
     if Path(run_dir).absolute().is_relative_to(Path(log_dir).absolute()):
         check_writable("paths.log_dir", log_dir)
     else:
