@@ -88,6 +88,8 @@ def test_cache_key_follows_model_precision_and_tokens_not_paths(tiny_cfg):
     other = [{"input_ids": torch.arange(12).view(2, 6), "labels": torch.arange(1, 13).view(2, 6)}]
     key = cache_key(cfg.model, "32-true", batches)
     assert key == cache_key(tiny_cfg("model.cache_dir=/elsewhere").model, "32-true", batches)
+    counted = [{**batches[0], "num_examples": torch.tensor(2), "squared_lengths": torch.tensor(72)}]
+    assert key == cache_key(cfg.model, "32-true", counted)  # a batch's bookkeeping is not its loss
     assert len({key, cache_key(cfg.model, "bf16-mixed", batches), cache_key(cfg.model, "32-true", other),
                 cache_key(tiny_cfg("model.init_seed=1").model, "32-true", batches)}) == 4
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,16 +103,20 @@ def describe_set(spec: Mapping) -> str:
     return f"held-out file {spec['path']}"
 
 
+LOSS_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
+
+
 def cache_key(spec: DictConfig, precision: str, loader: Iterable) -> str:
     """Identity of a pretrained measurement: model config (less where it is cached and how it is
-    trained), precision, and a hash of every tensor of every batch of the set."""
+    trained), precision, and a hash of the tensors of every batch of the set that decide its loss
+    (not the batch's bookkeeping, such as its token counts)."""
     model = OmegaConf.to_container(spec, resolve=True)
     for key in ("cache_dir", "gradient_checkpointing"):
         model.pop(key, None)
     digest = hashlib.sha256(json.dumps({"model": model, "precision": precision}, sort_keys=True).encode())
     for batch in loader:
         for key in sorted(batch):
-            if torch.is_tensor(batch[key]):
+            if key in LOSS_INPUTS:
                 digest.update(key.encode())
                 digest.update(batch[key].cpu().numpy().tobytes())
     return digest.hexdigest()[:20]
