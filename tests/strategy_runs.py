@@ -213,10 +213,12 @@ def assert_resumed_exactly(reference: Path, run_dir: Path, from_step: int, label
     assert loss_gap <= EXACT and weight_gap <= EXACT
 
 
-def wait_for(path: Path, proc, timeout: float = 240) -> None:
-    """Until the run being watched writes `path` (it is held there by tests.faults.HoldAtStep)."""
+def wait_for(path: Path, proc, timeout: float = 240) -> Path:
+    """Until the run being watched writes `path` (it is held there by tests.faults.HoldAtStep); a glob
+    pattern may stand for parts of it, for a dir the run names itself. The path found."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (found := sorted(Path(path.anchor).glob(str(path.relative_to(path.anchor))))):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         assert time.time() < deadline, f"no {path}"
         time.sleep(0.1)
+    return found[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from fulltune.checkpointing import latest_checkpoint
@@ -64,12 +63,9 @@ def test_submitit_requeues_a_preempted_job_and_it_continues_exactly(tmp_path, tm
                *from_pretrained(tmp_path_factory, cache_dir), "data.batch_size=16", "resume=auto", *HOLD_IN_STEP_2,
                f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"]
     proc = start_command(command)
-    deadline = time.time() + 240
-    while not (held := list(tmp_path.glob("multirun/*/*/0_tiny-full/fault-held"))):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.1)
-    job = held[0].parent
-    os.kill(int(held[0].read_text()), signal.SIGUSR2)
+    held = wait_for(tmp_path / "multirun" / "*" / "*" / "0_tiny-full" / "fault-held", proc)
+    job = held.parent
+    os.kill(int(held.read_text()), signal.SIGUSR2)
     (job / "release").touch()
     code, output = wait_command(proc)
     assert code == 0, output[-4000:]

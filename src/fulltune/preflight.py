@@ -49,16 +49,17 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
         return f"{o.get_key_element()}={value}"
 
     parsed = [o for o in parsed if o.value_type != ValueType.GLOB_CHOICE_SWEEP]  # group globs: Hydra expands them
+    to_check = [
+        o.key_or_group for o in parsed
+        if o.key_or_group not in groups and not o.is_add() and not o.is_force_add() and not o.is_delete()
+        and not o.key_or_group.startswith("hydra")
+    ]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        selections = [first_choice(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
-        cfg = compose("train", overrides=selections)
-        to_check = [
-            o.key_or_group for o in parsed
-            if o.key_or_group not in groups and not o.is_add() and not o.is_force_add() and not o.is_delete()
-            and not o.key_or_group.startswith("hydra")
-        ]
-        for key in to_check:
-            check_key(cfg, key)
+        if to_check:  # named against the config the group choices give, before the values could fail it
+            selections = [first_choice(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
+            cfg = compose("train", overrides=selections)
+            for key in to_check:
+                check_key(cfg, key)
         run_dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         try:
             cfg = compose("train", overrides=[first_choice(o) if o.is_sweep_override() else o.input_line
