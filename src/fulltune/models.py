@@ -169,8 +169,10 @@ def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype 
     the fp32 masters); pretrained weights load straight onto the device of an active
     `torch.device(...)` context (the strategy's root device on one device, under DDP and ZeRO-1/2),
     which transformers takes as the `device_map`.
-    A `config` model draws its random weights in fp32 on CPU, then casts them: the same numbers
-    (rounded) in every precision, on every device and strategy.
+    A `config` model draws its random weights in float64 on CPU, then casts them: the same numbers
+    (rounded) in every precision, on every device and strategy, and on every CPU (torch's float32
+    `normal_` has an AVX2-only kernel whose draws differ from the others' by up to 3e-8; its
+    float64 one is the same everywhere). The float64 copy is transient: 2x the fp32 model at init.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -184,7 +186,7 @@ def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype 
         with torch.device(device or "cpu"):
             torch.manual_seed(spec.get("init_seed", 0))
             model = AutoModelForCausalLM.from_config(
-                architecture_config(spec), attn_implementation=attn, dtype=torch.float32
+                architecture_config(spec), attn_implementation=attn, dtype=torch.float64
             ).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_weights(spec), dtype=dtype, attn_implementation=attn,
