@@ -83,7 +83,7 @@ class ExportAtTrainEnd(L.Callback):
         whose weights are whole on rank 0 (a merged LoRA model)."""
         config = copy.deepcopy(model.config)  # the writer sets dtype and use_cache on it
         with torch.no_grad():
-            tensors = without_tied_copies(live_tensors(model, keep=trainer.is_global_zero), config)
+            tensors = as_saved(without_tied_copies(live_tensors(model, keep=trainer.is_global_zero), config), model)
             if not trainer.is_global_zero:
                 for _, load in tensors:
                     load()
@@ -195,14 +195,31 @@ def _deepspeed_checkpoint(path: Path) -> tuple[dict[str, Any], Iterator[tuple[st
 
 
 def hf_config(spec: DictConfig) -> Any:
-    """The exact HF config: the pretrained weights' own, or the spec's architecture."""
-    from transformers import AutoConfig
+    """The exact HF config of the model a checkpoint holds: the architecture the run resolved and
+    saved in its spec (the weights' own config.json, or `config:` for a model built from it)."""
+    from fulltune.models import architecture_config
 
-    from fulltune.models import architecture_config, resolve_weights
+    return architecture_config(spec)
 
-    if spec.source == "config":
-        return architecture_config(spec)
-    return AutoConfig.from_pretrained(resolve_weights(spec), trust_remote_code=bool(spec.get("trust_remote_code")))
+
+def as_saved(tensors: Tensors, model: nn.Module) -> Tensors:
+    """The tensors named and shaped as `save_pretrained` writes them: where transformers converts
+    stored tensors on load (MoE experts stored one per expert, fused in memory), its own reverse
+    conversion is applied, one tensor of the stream at a time."""
+    from fulltune.strategies import weight_conversions
+
+    if not weight_conversions(model):
+        yield from tensors
+        return
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for name, load in tensors:
+        tensor = load()
+        if tensor is None:  # a rank that only takes part in the gathers
+            yield name, lambda: None
+            continue
+        for saved_name, saved in revert_weight_conversion(model, {name: tensor}).items():
+            yield saved_name, functools.partial(lambda t: t, saved)
 
 
 def tied_copies(config: Any) -> set[str]:
@@ -290,12 +307,16 @@ def export_checkpoint(
     spec's unless one is given."""
     from fulltune.models import load_tokenizer
 
+    from transformers import AutoModelForCausalLM
+
     hyper_parameters, tensors = read_checkpoint(checkpoint)
     spec = hyper_parameters["model"]
     config = hf_config(spec)
+    with torch.device("meta"):  # the architecture alone, for the names `save_pretrained` gives its tensors
+        model = AutoModelForCausalLM.from_config(config)
     return write_hf_dir(
-        without_tied_copies(tensors, config), config, tokenizer or load_tokenizer(spec), out_dir, shard_bytes,
-        eos_token_ids,
+        as_saved(without_tied_copies(tensors, config), model), config, tokenizer or load_tokenizer(spec), out_dir,
+        shard_bytes, eos_token_ids,
     )
 
 

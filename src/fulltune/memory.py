@@ -213,12 +213,13 @@ def describe(model: Any) -> Arch:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    experts, active = _expert_params(module), _active_expert_fraction(cfg)
     return Arch(
         name=type(module).__name__,
         total=total,
         trainable=trainable,
-        linear=_linear_params(module),
-        layer_linear=sum(_linear_params(b) for b in blocks),
+        linear=_linear_params(module) + experts,
+        layer_linear=sum(_linear_params(b) for b in blocks) + round(experts * active),  # FLOPs: the active experts
         layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
         largest=max(p.numel() for p in module.parameters()),
         lora_width=_lora_width(module, LORA_TARGETS),
@@ -227,10 +228,31 @@ def describe(model: Any) -> Arch:
         heads=heads,
         q_dim=heads * head_dim,
         kv_dim=kv_heads * head_dim,
-        intermediate=cfg.intermediate_size,
+        intermediate=_mlp_width(cfg),
         vocab=cfg.vocab_size,
         eager=getattr(cfg, "_attn_implementation", "sdpa") == "eager",
     )
+
+
+def _expert_params(module: nn.Module) -> int:
+    """Parameters of MoE experts that transformers holds fused (3-D `experts.*` tensors, not nn.Linear)."""
+    return sum(p.numel() for name, p in module.named_parameters() if ".experts." in name and p.dim() == 3)
+
+
+def _active_expert_fraction(cfg: Any) -> float:
+    """The share of the experts each token runs through (top-k of n); 1 for a dense model."""
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    return (getattr(cfg, "num_experts_per_tok", None) or experts) / experts if experts else 1.0
+
+
+def _mlp_width(cfg: Any) -> int:
+    """The MLP width a token's activations follow: the dense `intermediate_size`, or for an MoE the
+    top-k routed experts' widths plus any shared expert's."""
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if not experts or not getattr(cfg, "num_experts_per_tok", None):
+        return cfg.intermediate_size
+    expert = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size  # Mixtral: the latter
+    return cfg.num_experts_per_tok * expert + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
 
 
 def _linear_params(module: nn.Module) -> int:

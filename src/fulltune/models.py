@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fulltune.atomic import publish_dir
 from fulltune.preflight import ConfigError
@@ -48,8 +48,9 @@ def _cache_dir(spec: DictConfig) -> Path:
 
 
 def architecture_config(spec: DictConfig):
-    """The exact HF config of a spec, from `config:` (no download, no weights)."""
-    from transformers import AutoConfig
+    """The exact HF config of a spec, from `config:` (no download, no weights). After
+    `resolve_architecture` that is the weights' own config.json whenever there are weights."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     cfg = _as_dict(spec.get("config"))
     if "model_type" not in cfg:
@@ -57,7 +58,91 @@ def architecture_config(spec: DictConfig):
             f"model={spec.name}: `model.config.model_type` is missing; "
             "give the architecture (e.g. model_type: llama, hidden_size: ...) to build it without weights"
         )
-    return AutoConfig.for_model(**cfg)
+    if cfg["model_type"] not in CONFIG_MAPPING:  # remote code (refuse_remote_code let it through): its own class
+        return AutoConfig.from_pretrained(Path(spec.config_from).parent, trust_remote_code=True)
+    return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)  # as `from_pretrained` builds it from config.json
+
+
+# Config keys that do not change what the network computes: not worth a warning when they differ.
+NOT_ARCHITECTURE = {"architectures", "dtype", "torch_dtype", "use_cache", "transformers_version", "_name_or_path",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions", "output_hidden_states",
+                    "return_dict", "chunk_size_feed_forward", "id2label", "label2id", "problem_type"}
+
+
+def weights_config_file(spec: DictConfig, download: bool = True) -> Path | None:
+    """The config.json of the weights this spec trains, if it can be had without reading or
+    converting any weights: a local directory, the converted GGUF cache, the hub cache, or (when
+    `download` and online) config.json alone from the hub. None when there are no weights yet."""
+    if spec.source == "config":
+        return None
+    pretrained = spec.get("pretrained")
+    candidates = []
+    if pretrained and Path(pretrained).expanduser().is_dir():
+        weights_dir = Path(refuse_remote_code(Path(pretrained).expanduser(), spec))
+        if not (weights_dir / "config.json").is_file():
+            raise ModelSpecError(f"model.pretrained={pretrained}: no config.json there; point it at a directory "
+                                 "written by save_pretrained (config.json, *.safetensors, tokenizer files)")
+        return weights_dir / "config.json"
+    candidates.append(_cache_dir(spec) / "models" / spec.name / "config.json")
+    if pretrained and not _is_path(pretrained):
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "config.json")
+        candidates.append(Path(cached) if isinstance(cached, str) else None)
+        if download and os.environ.get("HF_HUB_OFFLINE") != "1" and not any(c and c.is_file() for c in candidates):
+            try:
+                candidates.append(Path(hf_hub_download(pretrained, "config.json")))
+            except Exception as err:  # offline, gated or unknown: the catalog's config stands in
+                log.info("could not fetch config.json of %s (%s)", pretrained, type(err).__name__)
+    found = next((c for c in candidates if c and c.is_file()), None)
+    if found is not None:
+        refuse_remote_code(found.parent, spec)
+    return found
+
+
+def architecture_diff(given: dict, weights: dict) -> list[str]:
+    """Keys where two architectures compute differently, each as `key: given -> weights`, with the
+    defaults filled in on both sides (a YAML without rope scaling differs from Llama 3.1's config)."""
+    from transformers import CONFIG_MAPPING
+
+    def full(cfg: dict) -> dict:
+        known = cfg.get("model_type") in CONFIG_MAPPING
+        return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg).to_dict() if known else dict(cfg)
+
+    a, b = full(given), full(weights)
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys())
+            if key not in NOT_ARCHITECTURE and a.get(key) != b.get(key)]
+
+
+def resolve_architecture(spec: DictConfig, download: bool = True) -> None:
+    """Settle once, before anything heavy, which architecture a run trains, and carry it in the
+    spec: `spec.config` becomes the weights' own config.json wherever there are weights (every
+    later step, the plan, the meta-device FSDP build, the export, builds from it), and
+    `spec.config_from` says where it came from. The YAML's `config:` stands in only where there
+    are no weights (`source: config`, a dry run of a catalog model not downloaded); where both
+    exist and compute differently the differing keys are logged once and the weights' win."""
+    import json
+
+    if spec.get("config_from"):
+        return
+    file = weights_config_file(spec, download)
+    given = None if OmegaConf.is_missing(spec, "config") else _as_dict(spec.get("config")) or None
+    with open_dict(spec):
+        if file is None:
+            if given is None:
+                raise ModelSpecError(
+                    f"model={spec.name}: no architecture: model.pretrained={spec.get('pretrained')!r} has no "
+                    "config.json here and model.config is not given. Point model.pretrained at a local HF "
+                    "directory (config.json is enough for dry_run=true), or download it first.")
+            spec.config_from = "model.config"
+            return
+        weights = json.loads(file.read_text())
+        if given is not None and (differing := architecture_diff(given, weights)):
+            log.warning("model=%s: model.config differs from %s in %d keys that change the computation; "
+                        "training the weights' architecture:\n  %s", spec.name, file, len(differing),
+                        "\n  ".join(differing))
+        spec.config = weights
+        spec.config_from = str(file)
 
 
 def _gguf_path(spec: DictConfig) -> Path | None:
@@ -160,6 +245,20 @@ def refuse_remote_code(weights_dir: Path, spec: DictConfig) -> str:
     return str(weights_dir)
 
 
+def attention_for(spec: DictConfig) -> str:
+    """`model.attn_implementation`, unless it is `sdpa` and the architecture has none (Gemma 2's
+    soft-capped attention): then the model's own eager attention, which honours the same masks."""
+    from transformers import AutoModelForCausalLM
+
+    requested = spec.get("attn_implementation", "sdpa")
+    config = architecture_config(spec)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if requested == "sdpa" and model_class is not None and not model_class._supports_sdpa:
+        log.info("model=%s: %s has no sdpa attention; using its eager attention", spec.name, model_class.__name__)
+        return "eager"
+    return requested
+
+
 def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Instantiate the model: pretrained weights, or random init from `config`, or on `device="meta"`.
 
@@ -178,7 +277,7 @@ def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype 
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.get_default_dtype()
-    attn = spec.get("attn_implementation", "sdpa")
+    attn = attention_for(spec)
     if device == "meta":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(architecture_config(spec), attn_implementation=attn, dtype=dtype)

@@ -94,13 +94,40 @@ def load_sharded_weights(model: nn.Module, weights_dir: str | Path, device: torc
     shards on dim 0 and copies them, cast to the model's dtype, straight into its shard of the
     parameter (what `load_state_dict` would do, without first collecting a second copy of the
     shards): beyond its shards a rank holds one slice at a time, never a full tensor, let alone
-    the full model. Non-persistent buffers (RoPE frequencies) are recomputed with the model's own
-    `_init_weights`.
+    the full model. An architecture whose stored tensors are not its parameters (transformers
+    converts them on load: MoE experts stored one per expert, fused in memory) is loaded by
+    transformers' own `from_pretrained` on rank 0, on CPU, and broadcast shard by shard: that
+    rank's host memory holds the whole model once. Non-persistent buffers (RoPE frequencies,
+    Gemma's embedding scale) are recomputed with the model's own `_init_weights`, which leaves the
+    loaded parameters alone.
     """
+    model.to_empty(device=device)
+    if weight_conversions(model):
+        _load_on_rank0_and_broadcast(model, Path(weights_dir))
+    else:
+        _load_own_rows(model, Path(weights_dir))
+    with torch.no_grad():
+        for param in model.parameters():  # transformers' init functions skip what is flagged: loaded weights
+            param._is_hf_initialized = True  # stay as loaded where a module also holds a buffer (Gemma's embed_scale)
+        persistent = set(model.state_dict())
+        for module_name, module in model.named_modules():
+            if any(f"{module_name}.{b}".lstrip(".") not in persistent for b, _ in module.named_buffers(recurse=False)):
+                model._init_weights(module)
+
+
+def weight_conversions(model: nn.Module) -> list:
+    """The conversions transformers applies between a model's stored tensors and its parameters
+    (`from_pretrained` forward, `save_pretrained` in reverse); empty for most dense models."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    return [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+
+
+def _load_own_rows(model: nn.Module, weights_dir: Path) -> None:
     from safetensors import safe_open
 
-    model.to_empty(device=device)
-    files = _safetensors_index(Path(weights_dir))
+    files = _safetensors_index(weights_dir)
     expected = model.state_dict()  # detached views of the parameters and buffers: copying into them loads them
     tied = set(getattr(model, "all_tied_weights_keys", None) or ())
     if not_loaded := sorted(expected.keys() - files.keys() - tied):
@@ -109,10 +136,17 @@ def load_sharded_weights(model: nn.Module, weights_dir: str | Path, device: torc
         for name in [n for n in expected if n in files]:
             with safe_open(files[name], framework="pt") as f:  # unmapped after each tensor: its pages leave RSS
                 _copy_stored(f, name, expected[name])
-        persistent = set(expected)
-        for module_name, module in model.named_modules():
-            if any(f"{module_name}.{b}".lstrip(".") not in persistent for b, _ in module.named_buffers(recurse=False)):
-                model._init_weights(module)
+
+
+def _load_on_rank0_and_broadcast(model: nn.Module, weights_dir: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = {}
+    if torch.distributed.get_rank() == 0:
+        dtype = next(iter(model.parameters())).dtype
+        full = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=dtype, device_map="cpu").state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:

@@ -115,7 +115,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
     from fulltune.finetune import count_params, merged_for_export
     from fulltune.launch import plan_settings, resolve_hardware
     from fulltune.loggers import finish_loggers
-    from fulltune.models import load_tokenizer
+    from fulltune.models import load_tokenizer, resolve_architecture
     from fulltune.module import CausalLMModule
     from fulltune.optim import optimizer_for_precision
     from fulltune.redact import redacted
@@ -128,6 +128,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
     started = time.perf_counter()
     resolve_hardware(cfg)  # a no-op after `train`; `fit` is also called on its own (tests, sweeps)
     resolve_resume(cfg)  # resume=auto -> a checkpoint, and the interrupted run's dir as the output dir
+    resolve_architecture(cfg.model)  # a no-op after `train`
     quiet_libraries()
     L.seed_everything(cfg.seed, workers=True)
     if cfg.precision.tf32:
@@ -206,9 +207,11 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
     from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware
+    from fulltune.models import resolve_architecture
 
     resolve_hardware(cfg)
     preflight(cfg)
+    resolve_architecture(cfg.model, download=not cfg.dry_run)  # the weights' config.json, once, for every step
     if cfg.dry_run:
         dry_run(cfg)
         return None
