@@ -70,8 +70,8 @@ def multirun(strategy: str, family_dirs, tmp_path_factory, cache_dir) -> dict[st
     if not (out / "sweep").is_dir():
         run_command([sys.executable, "train.py", "-m", *FAMILY_RUN, f"strategy={strategy}", "trainer.devices=2",
                      "data.batch_size=8", "model.pretrained=" + ",".join(str(family_dirs[n]) for n in names),
-                     f"paths.cache_dir={cache_dir}", f"paths.log_dir={out / 'logs'}", f"hydra.sweep.dir={out / 'sweep'}"],
-                    timeout=900)
+                     f"paths.cache_dir={cache_dir}", f"paths.log_dir={out / 'logs'}",
+                     f"hydra.sweep.dir={out / 'sweep'}"], timeout=900)
     return {name: out / "sweep" / f"{job}_{name}-full" for job, name in enumerate(names)}
 
 

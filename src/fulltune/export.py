@@ -305,9 +305,9 @@ def export_checkpoint(
 ) -> Path:
     """Any checkpoint a run writes -> an HF directory (bounded RAM, CPU only). The tokenizer is the
     spec's unless one is given."""
-    from fulltune.models import load_tokenizer
-
     from transformers import AutoModelForCausalLM
+
+    from fulltune.models import load_tokenizer
 
     hyper_parameters, tensors = read_checkpoint(checkpoint)
     spec = hyper_parameters["model"]
