@@ -185,36 +185,52 @@ class Renderer:
         done = 0
         for i in (i for i, t in enumerate(trained) if t):
             before = self._render(messages[:i], tools, True, where)
-            if not full.startswith(before) or len(before) < done:
-                raise FormatError(
-                    f"{where}: the chat template ({self._name}) does not render conversations prefix by prefix (an "
-                    "earlier turn changes when later turns are added), so assistant turns cannot be masked exactly; "
-                    "set `template: chatml` on this source, or give a .jinja template that renders each turn the "
-                    "same whatever follows")
             upto = self._render(messages[: i + 1], tools, False, where)
             own = upto[len(before):] if upto.startswith(before) else ""
-            missing = [c["function"]["name"] for c in messages[i].get("tool_calls", []) if c["function"]["name"] not in own]
-            reasoning = messages[i].get("reasoning_content", "").strip()
-            if missing or reasoning not in own:
-                what = f"the tool call to {missing[0]}" if missing else "the reasoning (reasoning_content)"
-                raise FormatError(f"{where}: the chat template ({self._name}) does not render {what} of assistant "
-                                  f"turn {i}, so the model would not learn it; {FIX}")
-            turn = own if full.startswith(upto) else self._turn_in(full[len(before):], where)
-            pieces += [(full[done:len(before)], False), *self._split_turn(turn)]
-            done = len(before) + len(turn)
+            self._check_turn(messages[i], own, i, where)
+            if own and full.startswith(upto):  # rendered prefix by prefix up to here
+                start, turn = len(before), own
+            else:  # the turn, or what precedes it, renders differently once later turns follow
+                start, turn = self._located(full, messages, i, tools, where)
+            if start < done:
+                raise self._unsplittable(where)
+            pieces += [(full[done:start], False), *self._split_turn(turn)]
+            done = start + len(turn)
         pieces.append((full[done:], False))
         return [(p, t) for p, t in pieces if len(p)]
 
-    def _turn_in(self, rest: str, where: str) -> str:
-        """A turn the template renders differently once later turns follow (reasoning dropped from history):
-        as the whole rendering has it, up to its turn end."""
-        ends = [at for at in (rest.find(e) for e in self.turn_ends) if at >= 0]
-        if not ends:
-            raise FormatError(f"{where}: the chat template ({self._name}) renders an assistant turn differently once "
-                              "later turns follow, and ends turns with no special token to find its end; set "
-                              "`template: chatml`, or train the last turn only (train_on: last_assistant)")
-        at = min(ends)
-        return rest[: at + len(next(e for e in self.turn_ends if rest.startswith(e, at)))]
+    def _unsplittable(self, where: str) -> FormatError:
+        return FormatError(
+            f"{where}: the chat template ({self._name}) does not render conversations prefix by prefix (an earlier "
+            "turn changes when later turns are added) and its turns cannot be found in the whole rendering, so "
+            "assistant turns cannot be masked exactly; set `template: chatml` on this source, train the last turn "
+            "only (train_on: last_assistant), or give a .jinja template that renders each turn the same whatever "
+            "follows")
+
+    def _check_turn(self, message: dict, own: str, i: int, where: str) -> None:
+        """The turn, rendered as the conversation's last, holds its tool calls and reasoning."""
+        missing = [c["function"]["name"] for c in message.get("tool_calls", []) if c["function"]["name"] not in own]
+        if missing or message.get("reasoning_content", "").strip() not in own:
+            what = f"the tool call to {missing[0]}" if missing else "the reasoning (reasoning_content)"
+            raise FormatError(f"{where}: the chat template ({self._name}) does not render {what} of assistant turn "
+                              f"{i}, so the model would not learn it; {FIX}")
+
+    def _located(self, full: str, messages: list[dict], i: int, tools: list[dict] | None,
+                 where: str) -> tuple[str, str]:
+        """Assistant turn i as the whole rendering has it (reasoning dropped from history, say): after the
+        generation prompt's n-th occurrence, up to its turn end; it must hold the turn's text and calls."""
+        opener = self._render(messages[:i], tools, True, where)[len(self._render(messages[:i], tools, False, where)):]
+        starts = [k + len(opener) for k in range(len(full)) if opener and full.startswith(opener, k)]
+        if len(starts) != sum(m["role"] == "assistant" for m in messages):
+            raise self._unsplittable(where)
+        start = starts[sum(m["role"] == "assistant" for m in messages[:i])]
+        rest = full[start:]
+        ends = [(rest.find(e), e) for e in self.turn_ends if e in rest]
+        turn = rest[: min(ends)[0] + len(min(ends)[1])] if ends else ""
+        names = [c["function"]["name"] for c in messages[i].get("tool_calls", [])]
+        if not turn or messages[i]["content"].strip() not in turn or any(n not in turn for n in names):
+            raise self._unsplittable(where)
+        return start, turn
 
     def _split_turn(self, turn: str) -> list[Piece]:
         """Trained up to and including the turn end; what follows (a newline) is masked. A template that
