@@ -23,9 +23,9 @@ import hashlib
 import json
 from typing import Any
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
-         "gpt": "assistant", "function_call": "assistant", "tool": "tool", "ipython": "tool",
-         "observation": "tool", "function": "tool"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",  # OpenAI
+         "human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool",  # ShareGPT
+         "developer": "system", "ipython": "tool", "function": "tool"}  # OpenAI's newer and older names, Llama's
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 CALL_SHAPE = '{"name": ..., "arguments": {...}}'
 

@@ -251,7 +251,8 @@ class FineTuneDataModule(L.LightningDataModule):
         first conversation of each kind (roles, tool calls, tools, reasoning...) is rendered: a chat template
         that cannot render what the data holds stops the run here, not hours into tokenizing."""
         report = self._report(source, split)
-        renderer = make_renderer(source, self.tokenizer, self.train_on_prompt) if source["format"] == "messages" else None
+        chat = source["format"] == "messages"
+        renderer = make_renderer(source, self.tokenizer, self.train_on_prompt) if chat else None
         count, kinds = 0, set()
         for row in self._rows(source, split, report):
             count += 1

@@ -138,7 +138,8 @@ class Renderer:
             return Rendered([(self.bos_ids, False), (prompt, self.train_on_prompt), (row["output"], True),
                              ([self.eos_id], True)], answer_piece=2, answer=row["output"])
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return self._chat({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]})
+        return self._chat({"messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": row["output"]}]})
 
     def _chat(self, row: dict) -> Rendered:
         """A canonical conversation (conversations.py) as pieces: each trained assistant turn, up to and
