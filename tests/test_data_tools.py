@@ -18,7 +18,7 @@ import pytest
 from fulltune.data import DataError
 from fulltune.data.formats import FormatError, encode_batch, make_renderer
 from fulltune.data.inspect import describe
-from fulltune.data.validate import load_rows, normalize_row
+from fulltune.data.validate import check_source, load_rows, normalize_row
 from tests.data.helpers import datamodule, tiny_tokenizer, write_jsonl
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -286,3 +286,12 @@ def test_inspect_marks_the_trained_spans_of_a_tool_conversation(tok, tmp_path):
     assert ('<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
             "</tool_call><|im_end|>]]\n<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>\n"
             "<|im_start|>assistant\n[[Sunny, 21 C.<|im_end|>]]") in shown
+
+
+def test_conversation_settings_of_a_source_are_checked_before_reading():
+    with pytest.raises(DataError, match="train_on='last': expected one of all_assistant, last_assistant"):
+        check_source({"path": "x.jsonl", "format": "messages", "train_on": "last"}, "data.task[0]")
+    with pytest.raises(DataError, match="template 'nope.jinja': no such file"):
+        check_source({"path": "x.jsonl", "format": "messages", "template": "nope.jinja"}, "data.task[0]")
+    with pytest.raises(DataError, match="template 'qwen' is not one of auto, tokenizer, chatml or a .jinja file"):
+        check_source({"path": "x.jsonl", "format": "messages", "template": "qwen"}, "data.task[0]")

@@ -221,7 +221,10 @@ class Renderer:
         """Assistant turn i as the whole rendering has it (reasoning dropped from history, say): after the
         generation prompt's n-th occurrence, up to its turn end; it must hold the turn's text and calls."""
         opener = self._render(messages[:i], tools, True, where)[len(self._render(messages[:i], tools, False, where)):]
-        starts = [k + len(opener) for k in range(len(full)) if opener and full.startswith(opener, k)]
+        starts, at = [], full.find(opener) if opener else -1
+        while at >= 0:
+            starts.append(at + len(opener))
+            at = full.find(opener, at + 1)
         if len(starts) != sum(m["role"] == "assistant" for m in messages):
             raise self._unsplittable(where)
         start = starts[sum(m["role"] == "assistant" for m in messages[:i])]
