@@ -140,7 +140,8 @@ CASES = [
          chat("unknown_role.jsonl")),
     Case("no_assistant_turn", "no_assistant.jsonl:2: field 'messages': expected at least one assistant turn",
          chat("no_assistant.jsonl")),
-    Case("image_content_part", "image_part.jsonl:2: field 'messages[0].content[1]': expected a text part",
+    Case("image_content_part", "image_part.jsonl:2: field 'messages[0].content[1]': a part of type 'image_url': "
+         "fulltune trains text-only models",
          chat("image_part.jsonl")),
     Case("not_parquet", "not_parquet.parquet: not a Parquet file", alpaca("not_parquet.parquet")),
     Case("compressed_file", "train.jsonl.gz: unsupported file type '.gz'", alpaca("train.jsonl.gz"),

@@ -32,7 +32,7 @@ from fulltune.atomic import publish_dir
 from .formats import Renderer, encode_batch
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when rendering or encoding changes what a cached example contains
+CACHE_VERSION = 4  # bump when rendering or encoding changes what a cached example contains
 CHUNK_ROWS = 1000
 CHUNK_CHARS = 4_000_000
 DTYPES = {"tokens": np.int32, "mask": np.uint8, "offsets": np.int64, "completion_start": np.int32, "n_labels": np.int32}

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import TokenStore, build_store, cache_key, file_fingerprint, tokenizer_fingerprint
-from .formats import make_renderer, stop_token_id
+from .conversations import kind
+from .formats import make_renderer, stop_token_ids
 from .mixture import EpochPlan, MixtureSampler, SourcePlan, interleave, select
 from .packing import collate, pack
 from .validate import DataError, RowReport, check_source, good_rows, is_local
@@ -168,8 +169,11 @@ class FineTuneDataModule(L.LightningDataModule):
         if source["name"] not in self._held:
             report = RowReport(source["path"], source["format"])
             count = sum(1 for _ in good_rows(source, source["path"], source.get("split"), report))
+            report.check(self.on_bad_row)  # bad rows are named as such, before the split counts what is left
             if source["val_size"] >= count:
-                raise DataError(f"{source['path']}: val_size={source['val_size']} leaves no training rows")
+                bad = f" ({report.bad} bad rows skipped)" if report.bad else ""
+                raise DataError(f"{source['path']}: val_size={source['val_size']} leaves no training rows: the file "
+                                f"has {count} usable rows{bad}; lower val_size or give a val_path")
             self._held[source["name"]] = set(np.random.default_rng(0).permutation(count)[: source["val_size"]].tolist())
         return self._held[source["name"]]
 
@@ -184,6 +188,8 @@ class FineTuneDataModule(L.LightningDataModule):
         if split == "val" and source.get("val_path"):
             files = [file_fingerprint(source["val_path"])]
         settings = {k: v for k, v in source.items() if k not in ("name", "weight")}
+        if str(source.get("template")).endswith(".jinja"):  # the template file's content decides the tokens
+            files.append(file_fingerprint(source["template"]))
         return cache_key({"tokenizer": tokenizer_fp, "files": files, "split": split, "source": settings,
                           "max_length": self.max_length, "overlong": self.overlong_policy(source),
                           "train_on_prompt": self.train_on_prompt, "on_bad_row": self.on_bad_row})
@@ -241,9 +247,18 @@ class FineTuneDataModule(L.LightningDataModule):
                          source["format"])
 
     def _count(self, source: dict, split: str) -> int:
-        """Good rows of a split, read through once without tokenizing; raises DataError on bad rows."""
+        """Good rows of a split, read through once without tokenizing; raises DataError on bad rows. The
+        first conversation of each kind (roles, tool calls, tools, reasoning...) is rendered: a chat template
+        that cannot render what the data holds stops the run here, not hours into tokenizing."""
         report = self._report(source, split)
-        count = sum(1 for _ in self._rows(source, split, report))
+        chat = source["format"] == "messages"
+        renderer = make_renderer(source, self.tokenizer, self.train_on_prompt) if chat else None
+        count, kinds = 0, set()
+        for row in self._rows(source, split, report):
+            count += 1
+            if renderer is not None and kind(row) not in kinds:
+                kinds.add(kind(row))
+                renderer(row)
         report.check(self.on_bad_row)
         return count
 
@@ -354,7 +369,8 @@ class FineTuneDataModule(L.LightningDataModule):
     @property
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a completion (EOS, or a chat template's turn end): what generation stops at."""
-        ids = {stop_token_id(make_renderer(s, self.tokenizer, False), self.tokenizer) for s in self.sources["task"]}
+        ids = {i for s in self.sources["task"] for i in stop_token_ids(make_renderer(s, self.tokenizer, False),
+                                                                       self.tokenizer)}
         return sorted(ids)
 
     # -- stats ----------------------------------------------------------------------------------------

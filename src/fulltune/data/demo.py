@@ -3,6 +3,9 @@
 - `dates_{train,val}.jsonl` (alpaca): rewrite a written date ("7 March 2024") as ISO ("2024-03-07").
   Short, exactly checkable, and beyond SmolLM2-135M-Instruct before fine-tuning.
 - `dates_chat_{train,val}.jsonl` (messages): the same task as chat turns, some multi-turn.
+- `dates_tools_{train,val}.jsonl` (messages, OpenAI tool calling) and `dates_tools_sharegpt_{train,val}.jsonl`
+  (ShareGPT / LLaMA-Factory function_call + observation): questions about dates answered by calling
+  `weekday` or `days_between`, reading the result and answering; some answered directly, with no call.
 - `reviews_{train,val}.jsonl` (classification): generated product reviews, positive / negative.
 - `prose_{train,val}.jsonl` (text): templated prose, the "pretraining" replay corpus.
 - `long_documents` / `write_corpus`: articles of many paragraphs, any size (replay at scale).
@@ -19,8 +22,9 @@ from pathlib import Path
 
 from fulltune.atomic import write_text
 
-VERSION = 2  # bump when the generated content changes, so old copies are regenerated
-SIZES = {"dates": (2000, 100), "dates_chat": (400, 50), "reviews": (400, 50), "prose": (2000, 100)}
+VERSION = 3  # bump when the generated content changes, so old copies are regenerated
+SIZES = {"dates": (2000, 100), "dates_chat": (400, 50), "reviews": (400, 50), "prose": (2000, 100),
+         "dates_tools": (400, 50), "dates_tools_sharegpt": (400, 50)}
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
@@ -89,6 +93,74 @@ def date_chat_rows(seed: int, n_train: int, n_val: int) -> tuple[list[dict], lis
     train, val = _dates(rng, 2 * n_train, 2 * n_val)
     return ([conversation(train[2 * i: 2 * i + 1 + (rng.random() < 1 / 3)]) for i in range(n_train)],
             [conversation(val[2 * i: 2 * i + 1]) for i in range(n_val)])  # val: single round
+
+
+DATE_TOOLS = [
+    {"type": "function", "function": {
+        "name": "weekday", "description": "Day of the week of a date (YYYY-MM-DD).",
+        "parameters": {"type": "object", "properties": {"date": {"type": "string"}}, "required": ["date"]}}},
+    {"type": "function", "function": {
+        "name": "days_between", "description": "Days from start to end (YYYY-MM-DD).",
+        "parameters": {"type": "object", "properties": {"start": {"type": "string"}, "end": {"type": "string"}},
+                       "required": ["start", "end"]}}},
+]
+
+
+def date_tool_rows(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
+    """OpenAI-format tool calling on dates: a call (arguments as a JSON string, as the API writes them),
+    its result, the answer; a quarter of the calls reason first, a fifth of the questions need no tool."""
+    rng = random.Random(seed)
+
+    def conversation(d: dt.date, other: dt.date, n: int) -> dict:
+        written = written_date(d, rng.randrange(4))  # no weekday in the question
+        messages = [{"role": "system", "content": "You answer questions about dates, using the tools."}] * (n % 3 == 0)
+        kind = rng.random()
+        if kind < 0.2:
+            messages += [{"role": "user", "content": f"{rng.choice(DATE_INSTRUCTIONS)}\n{written}"},
+                         {"role": "assistant", "content": d.isoformat()}]
+            return {"messages": messages, "tools": DATE_TOOLS}
+        if kind < 0.6:
+            question, name, args = f"What day of the week was {written}?", "weekday", {"date": d.isoformat()}
+            result, answer = WEEKDAYS[d.weekday()], f"{d.isoformat()} was a {WEEKDAYS[d.weekday()]}."
+        else:
+            question = f"How many days are there from {written} to {written_date(other, rng.randrange(4))}?"
+            name, args = "days_between", {"start": d.isoformat(), "end": other.isoformat()}
+            result, answer = str((other - d).days), f"{(other - d).days} days."
+        call = {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{n:05d}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}
+        if rng.random() < 0.25:
+            call["reasoning_content"] = f"I need {name.replace('_', ' ')} for {', '.join(args.values())}."
+        messages += [{"role": "user", "content": question}, call,
+                     {"role": "tool", "tool_call_id": f"call_{n:05d}", "content": result},
+                     {"role": "assistant", "content": answer}]
+        return {"messages": messages, "tools": DATE_TOOLS}
+
+    train, val = _dates(rng, 2 * n_train, 2 * n_val)
+    return ([conversation(*sorted(train[2 * i: 2 * i + 2]), i) for i in range(n_train)],
+            [conversation(*sorted(val[2 * i: 2 * i + 2]), i) for i in range(n_val)])
+
+
+def as_sharegpt(row: dict) -> dict:
+    """An OpenAI-format row as LLaMA-Factory writes ShareGPT: `conversations` of from/value, calls as
+    `function_call` values, results as `observation`, `system` and `tools` (a JSON string) beside them."""
+    roles = {"user": "human", "assistant": "gpt", "tool": "observation"}
+    turns, system = [], ""
+    for m in row["messages"]:
+        if m["role"] == "system":
+            system = m["content"]
+        elif m.get("tool_calls"):
+            call = m["tool_calls"][0]["function"]
+            turns.append({"from": "function_call",
+                          "value": json.dumps({"name": call["name"], "arguments": json.loads(call["arguments"])})})
+        else:
+            turns.append({"from": roles[m["role"]], "value": m["content"]})
+    return {"conversations": turns, "system": system, "tools": json.dumps([t["function"] for t in row["tools"]])}
+
+
+def date_tool_sharegpt_rows(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
+    """The tool-calling date task in ShareGPT / LLaMA-Factory form."""
+    train, val = date_tool_rows(seed, n_train, n_val)
+    return [as_sharegpt(r) for r in train], [as_sharegpt(r) for r in val]
 
 
 PRODUCTS = ["kettle", "backpack", "desk lamp", "pair of boots", "blender", "umbrella", "keyboard",
@@ -208,6 +280,7 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
 
 GENERATORS: dict[str, Callable[[int, int, int], tuple[list[dict], list[dict]]]] = {
     "dates": date_rows, "dates_chat": date_chat_rows, "reviews": review_rows, "prose": prose_rows,
+    "dates_tools": date_tool_rows, "dates_tools_sharegpt": date_tool_sharegpt_rows,
 }
 
 

@@ -4,7 +4,8 @@
     python -m fulltune.data.inspect data=chat model=tiny  # any train.py overrides
     python -m fulltune.data.inspect data=alpaca --tokenizer path/to/hf_tokenizer_dir
 
-In the rendered examples, text inside [[ ]] is in the loss; everything else is masked (-100).
+In the rendered examples (per source, the one of its first 50 with the most trained spans: a tool call and
+the answer after its result, say), text inside [[ ]] is in the loss; everything else is masked (-100).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .cache import TokenStore
 from .datamodule import GROUPS, FineTuneDataModule
 
 TRAINED = ("[[", "]]")
@@ -28,6 +30,12 @@ def show_mask(ids: np.ndarray, mask: np.ndarray, tokenizer: Any) -> str:
         out.append(f"{TRAINED[0]}{text}{TRAINED[1]}" if mask[start] else text)
         start = end
     return "".join(out)
+
+
+def _most_spans(store: TokenStore, first: int = 50) -> int:
+    """Of the first examples, the one with the most trained spans (a tool call, its answer...): the one
+    that shows the most of the mask."""
+    return max(range(min(first, len(store))), key=lambda i: (np.diff(store.example(i)[1].astype(np.int8)) == 1).sum())
 
 
 def describe(dm: FineTuneDataModule) -> str:
@@ -64,7 +72,7 @@ def describe(dm: FineTuneDataModule) -> str:
         if split != "train":
             continue
         store = dm._builder.stores[k]
-        ids, mask = store.example(0)
+        ids, mask = store.example(_most_spans(store))
         lines += ["", f"--- {dm.sources[group][i]['name']} ({group}, {len(ids)} tokens) ---",
                   show_mask(np.asarray(ids), np.asarray(mask), dm.tokenizer)]
     return "\n".join(lines)

@@ -25,13 +25,15 @@ from typing import Any
 
 from fulltune.preflight import ConfigError
 
-from .formats import CHAT_TEMPLATES, FORMATS, PLAIN_TEMPLATES, ROLES
+from .conversations import conversation
+from .conversations import short as _short
+from .formats import CHAT_TEMPLATES, FORMATS, PLAIN_TEMPLATES, TRAIN_ON
 
 SOURCE_KEYS = {
     "name": "label used in stats and logs (default: the file's stem)",
     "path": "a local file (.jsonl .json .parquet .csv .txt) or a hub dataset name",
     "format": f"one of {', '.join(FORMATS)}",
-    "template": "prompt template (alpaca, instruction, chat; messages: auto, tokenizer, chatml)",
+    "template": "prompt template (alpaca, instruction, chat; messages: auto, tokenizer, chatml or a .jinja file)",
     "columns": "mapping from format field to column name, e.g. {output: response}",
     "split": "hub split for training (default train)",
     "subset": "hub dataset configuration name",
@@ -46,10 +48,11 @@ SOURCE_KEYS = {
     "weight": "share within its group (task or replay); null = proportional to size",
     "labels": "classification: the label words; an int label indexes this list",
     "instruction": "classification: the instruction shown before the text ({labels} is filled in)",
+    "train_on": "messages: which assistant turns are trained: all_assistant (default) | last_assistant",
 }
 FIELDS = {
     "alpaca": ("instruction", "input", "output"),
-    "messages": ("messages",),
+    "messages": ("messages", "tools", "system"),
     "text": ("text",),
     "classification": ("text", "label"),
 }
@@ -87,8 +90,15 @@ def check_source(source: dict, where: str) -> None:
         raise DataError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}{_closest(fmt, list(FORMATS))}")
     template = source.get("template")
     valid = CHAT_TEMPLATES if fmt == "messages" else (*PLAIN_TEMPLATES, "chat")
-    if template is not None and fmt != "text" and template not in valid:
-        raise DataError(f"{where}: template {template!r} is not one of {', '.join(valid)} for format {fmt}")
+    jinja = fmt == "messages" and str(template).endswith(".jinja")
+    if template is not None and fmt != "text" and template not in valid and not jinja:
+        more = " or a .jinja file" if fmt == "messages" else ""
+        raise DataError(f"{where}: template {template!r} is not one of {', '.join(valid)}{more} for format {fmt}")
+    if jinja and not Path(template).is_file():
+        raise DataError(f"{where}: template {template!r}: no such file; give the path of a Jinja chat template")
+    train_on = source.get("train_on")
+    if train_on is not None and (fmt != "messages" or train_on not in TRAIN_ON):
+        raise DataError(f"{where}: train_on={train_on!r}: expected one of {', '.join(TRAIN_ON)}, on a messages source")
     if fmt == "classification" and not source.get("labels"):
         raise DataError(f"{where}: a classification source needs `labels`, e.g. labels: [positive, negative]")
     for key in ("take_rows", "take_tokens", "val_size"):
@@ -122,13 +132,6 @@ def is_local(path: str) -> bool:
     """A path that names a local file (by existing or by its suffix), not a hub dataset."""
     return os.path.exists(path) or str(path).endswith(LOCAL_SUFFIXES) or str(path).startswith(("/", "."))
 
-
-def _short(value: Any) -> str:
-    if value is None:
-        return "null"
-    text = json.dumps(value) if isinstance(value, str | int | float | bool | list | dict) else repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{type(value).__name__} {text}" if not isinstance(value, str) else text
 
 
 def read_rows(path: str, split: str | None = None, subset: str | None = None, sample_by: str | None = None,
@@ -237,7 +240,10 @@ def normalize_row(raw: Any, fmt: str, columns: dict, labels: list | None) -> tup
             problems.append(f"field 'label': expected one of {labels} or an index 0..{len(labels) - 1}, "
                             f"got {_short(label) if 'label' in row else 'nothing (field missing)'}")
     else:
-        out = {"messages": _messages(row.get("messages"), "messages" in row, problems)}
+        key = columns.get("messages", "messages")
+        if "messages" not in row and "messages" not in columns and "conversations" in raw:  # ShareGPT's name
+            key, row["messages"] = "conversations", raw["conversations"]
+        out = conversation(row, key, problems)
     other = _other_format(raw, fmt) if problems and not row else None
     if other:  # a file mixing formats: say so, not which of this format's fields are missing
         problems = [f"a row of format {other} (fields {', '.join(REQUIRED_FIELDS[other])}) in a source of format "
@@ -254,49 +260,9 @@ def _other_format(raw: dict, fmt: str) -> str | None:
     return max(matches, key=lambda f: len(REQUIRED_FIELDS[f]), default=None)
 
 
-def _messages(value: Any, present: bool, problems: list[str]) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        got = _short(value) if present else "nothing (field missing)"
-        problems.append(f"field 'messages': expected a non-empty list of {{role, content}} turns, got {got}")
-        return []
-    turns = []
-    for i, turn in enumerate(value):
-        field = f"messages[{i}]"
-        if not isinstance(turn, dict):
-            problems.append(f"field '{field}': expected an object with role and content, got {_short(turn)}")
-            continue
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role not in ROLES:
-            problems.append(f"field '{field}.role': expected one of {', '.join(ROLES)}, got {_short(role)}")
-        shown = len(problems)
-        if isinstance(content, list):
-            content = _text_of_parts(content, f"{field}.content", problems)
-        if len(problems) == shown and (not isinstance(content, str) or (not content.strip() and role != "system")):
-            problems.append(f"field '{field}.content': expected a non-empty string, got {_short(content)}")
-        turns.append({"role": ROLES.get(role, role), "content": content})
-    if not problems:
-        if "assistant" not in {t["role"] for t in turns}:
-            problems.append("field 'messages': expected at least one assistant turn (nothing to train on)")
-        elif turns[-1]["role"] != "assistant":
-            problems.append(f"field 'messages[{len(turns) - 1}]': expected the last turn to be the assistant's, "
-                            f"got {turns[-1]['role']}")
-    return turns
-
-
-def _text_of_parts(parts: list, field: str, problems: list[str]) -> str | None:
-    """OpenAI-style content parts, `[{"type": "text", "text": ...}]` (or the text under `value`), as one
-    string, parts joined by newlines. Other parts (images, audio) a text model cannot train on: a problem."""
-    texts = []
-    for j, part in enumerate(parts):
-        kind = part.get("type", "text") if isinstance(part, dict) else None
-        text = part.get("text", part.get("value")) if kind == "text" else None
-        if not isinstance(text, str):
-            got = f"a {kind!r} part (only text parts can be trained)" if kind not in (None, "text") else _short(part)
-            problems.append(f"field '{field}[{j}]': expected a text part {{type: text, text: ...}}, got {got}")
-            return None
-        texts.append(text)
-    return "\n".join(texts)
+def location(path: str, where: str) -> str:
+    """'file:12' for a line, 'name row 3' for a row of a table or hub dataset."""
+    return f"{path}:{where.split()[-1]}" if where.startswith("line") else f"{path} {where}"
 
 
 @dataclass
@@ -314,8 +280,7 @@ class RowReport:
         self.bad += 1
         for p in found:
             if len(self.problems) < SHOWN_PROBLEMS:
-                self.problems.append(f"{self.path}:{where.split()[-1]}: {p}" if where.startswith("line") else
-                                     f"{self.path} {where}: {p}")
+                self.problems.append(f"{location(self.path, where)}: {p}")
             else:
                 self.more_problems += 1
 
@@ -400,6 +365,8 @@ def good_rows(source: dict, path: str, split: str | None, report: RowReport) -> 
                 report.add(where, found)
             else:
                 report.good += 1
+                if fmt == "messages":  # a template that cannot render the row names it
+                    row["where"] = location(path, where)
                 yield row
     except UnicodeDecodeError as err:
         raise DataError(not_utf8_message(path)) from err
