@@ -38,6 +38,8 @@ def save_family(name: str, target: Path, tokenizer_from: Path) -> Path:
         config = AutoConfig.for_model(**{**COMMON, **FAMILIES[name]})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).float()
+        if name == "llama31":  # like Llama 3.1's generation_config: several EOS ids (<|end_of_text|>, <|eot_id|> ...)
+            model.generation_config.eos_token_id = [0, 2]
         model.save_pretrained(target)
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(target)
     return target

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from fulltune.models import stop_ids
 from fulltune.preflight import ConfigError
 from fulltune.strategies import FSDP2Strategy
 
@@ -88,7 +89,8 @@ def greedy_completions(
     stop_token_ids: list[int] | None = None, share: RankShare | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts (left-padded batches, KV cache on), stopped at
-    `stop_token_ids` (the data's completion end, e.g. a chat turn end) or else the tokenizer's EOS.
+    `stop_token_ids` (the data's completion end, e.g. a chat turn end) or else the tokenizer's EOS,
+    and at the model's own EOS ids.
 
     The ranks of `share` split whole batches, so each batch is padded exactly as in one process and
     the tokens are the same. In lockstep, `synced_gpus=True` keeps a rank whose batch has ended
@@ -100,6 +102,7 @@ def greedy_completions(
     device = next(model.parameters()).device
     synced = {"synced_gpus": True} if share.lockstep else {}
     batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+    stops = stop_ids(model.generation_config, stop_token_ids or [tokenizer.eos_token_id])
     texts = []
     for chunk, filler in share.deal(batches):
         width = max(map(len, chunk))
@@ -107,7 +110,7 @@ def greedy_completions(
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=stop_token_ids or tokenizer.eos_token_id, use_cache=True, **synced,
+            pad_token_id=pad, eos_token_id=stops, use_cache=True, **synced,
         )
         if not filler:
             texts.append(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))

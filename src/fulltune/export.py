@@ -249,6 +249,8 @@ def write_hf_dir(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from fulltune.models import stop_ids
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
@@ -288,11 +290,11 @@ def write_hf_dir(
     config.dtype = written
     config.use_cache = True
     config.save_pretrained(out)
-    # generation stops where training ended completions: `eos_token_ids` (the data's turn end, e.g.
-    # `<|im_end|>` on a base model trained with ChatML) or else the tokenizer's EOS
+    # generation stops at the model's own EOS ids and where training ended completions: `eos_token_ids`
+    # (the data's turn end, e.g. `<|im_end|>` on a base model trained with ChatML) or else the tokenizer's EOS
     generation = (GenerationConfig.from_model_config(config) if generation_config is None
                   else copy.deepcopy(generation_config))
-    generation.eos_token_id = eos_token_ids or tokenizer.eos_token_id
+    generation.eos_token_id = stop_ids(generation, eos_token_ids or [tokenizer.eos_token_id])
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -84,10 +84,13 @@ def resolve_hardware(cfg: DictConfig) -> None:
 def plan_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     """The architecture (meta device, finetune applied) and the plan's settings for this run."""
     from fulltune.finetune import apply_finetune
+    from fulltune.loss import takes_label_loss_head
     from fulltune.memory import describe
     from fulltune.models import build_model
 
-    arch = describe(apply_finetune(build_model(cfg.model, device="meta"), cfg.finetune))
+    model = build_model(cfg.model, device="meta")
+    chunked = takes_label_loss_head(model)  # else the full-logits loss (Gemma 2's soft-capping): tokens x vocab
+    arch = describe(apply_finetune(model, cfg.finetune))
     optimizer = cfg.optimizer
     impl = "fused" if optimizer.get("fused") else "foreach" if optimizer.get("foreach") else None
     settings = {
@@ -100,7 +103,7 @@ def plan_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         "optimizer": optimizer._target_.rsplit(".", 1)[-1].lower(),
         "optimizer_impl": impl,
         "extra_param_copies": {"EWC": 2, "L2SP": 1}.get(cfg.regularizer.get("_target_", "").rsplit(".", 1)[-1], 0),
-        "loss_chunk_tokens": cfg.model.loss_chunk_tokens,
+        "loss_chunk_tokens": cfg.model.loss_chunk_tokens if chunked else 0,
     }
     return arch, settings
 

@@ -92,18 +92,23 @@ class LabelLossHead(nn.Module):
         )
 
 
+def takes_label_loss_head(model: nn.Module) -> bool:
+    """Whether the model's logits are its output layer's, so the loss can take that layer's place:
+    not where it post-processes them (Gemma's soft-capping, Cohere's logit scale) or its head is not
+    a plain `nn.Linear`."""
+    config = model.config
+    return type(model.get_output_embeddings()) is nn.Linear and not getattr(config, "final_logit_softcapping", None) \
+        and getattr(config, "logit_scale", 1.0) in (None, 1.0)
+
+
 def install_label_loss_head(model: nn.Module, chunk_tokens: int) -> LabelLossHead | None:
     """Swap the model's output layer for a `LabelLossHead`; None (nothing changed) where the model
     post-processes its logits (Gemma's soft-capping, Cohere's logit scale) or its head is not a
     plain `nn.Linear`: those keep the full-logits loss, as does `chunk_tokens=0` (the reference,
     for benchmarks)."""
-    head = model.get_output_embeddings()
-    config = model.config
-    if chunk_tokens <= 0 or type(head) is not nn.Linear or getattr(config, "final_logit_softcapping", None) or (
-        getattr(config, "logit_scale", 1.0) not in (None, 1.0)
-    ):
+    if chunk_tokens <= 0 or not takes_label_loss_head(model):
         return None
-    loss_head = LabelLossHead(head, chunk_tokens)
+    loss_head = LabelLossHead(model.get_output_embeddings(), chunk_tokens)
     model.set_output_embeddings(loss_head)
     return loss_head
 

@@ -245,6 +245,14 @@ def refuse_remote_code(weights_dir: Path, spec: DictConfig) -> str:
     return str(weights_dir)
 
 
+def stop_ids(generation_config: Any, data_stop_ids: list[int] | None = None) -> list[int]:
+    """Every id generation stops at: the model's own EOS ids (its generation_config: Llama 3.1's lists
+    three) and the data's completion ends (a chat turn end a base model learns here)."""
+    own = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    own = [own] if isinstance(own, int) else list(own or [])
+    return sorted({*own, *(data_stop_ids or [])})
+
+
 def attention_for(spec: DictConfig) -> str:
     """`model.attn_implementation`, unless it is `sdpa` and the architecture has none (Gemma 2's
     soft-capped attention): then the model's own eager attention, which honours the same masks."""
