@@ -132,14 +132,24 @@ def test_two_processes_train_every_family_like_one_process(strategy, family_dirs
 
 def test_the_weights_config_is_the_architecture_and_a_differing_yaml_is_named(family_dirs, tmp_path, cache_dir,
                                                                                caplog):
-    """`model=tiny` (a Llama YAML) pointed at Llama 3.1-style weights trains the weights' architecture."""
-    cfg = compose_config(["model=tiny", "model.source=pretrained", f"model.pretrained={family_dirs['llama31']}"],
-                         tmp_path, cache_dir)
+    """`model=tiny` (a Llama YAML) pointed at Llama 3.1 weights whose config.json is written as Meta's
+    are (`rope_scaling` + `rope_theta`, transformers 4's keys) trains the weights' architecture."""
+    from fulltune.models import architecture_config
+
+    weights = tmp_path / "Llama-3.1-style"
+    weights.mkdir()
+    config = json.loads((family_dirs["llama31"] / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    (weights / "config.json").write_text(json.dumps(config))
+    (weights / "model.safetensors").symlink_to(family_dirs["llama31"] / "model.safetensors")
+    cfg = compose_config(["model=tiny", "model.source=pretrained", f"model.pretrained={weights}"], tmp_path, cache_dir)
     with caplog.at_level(logging.WARNING, logger="fulltune.models"):
         resolve_architecture(cfg.model)
-    warning = caplog.text
-    assert "rope_parameters" in warning and "tie_word_embeddings: True -> False" in warning
-    assert cfg.model.config.rope_scaling.rope_type == "llama3" and cfg.model.config_from.endswith("config.json")
+    assert "rope_parameters" in caplog.text and "tie_word_embeddings: True -> False" in caplog.text
+    assert cfg.model.config.rope_scaling.rope_type == "llama3" and cfg.model.config_from == str(weights / "config.json")
+    built = architecture_config(cfg.model)
+    assert built.rope_parameters["rope_type"] == "llama3" and built.rope_parameters["rope_theta"] == 500000.0
     arch, _ = plan_settings(cfg)
     assert arch.total == sum(t.numel() for t in hf_weights(family_dirs["llama31"]).values())  # untied: lm_head counted
 
@@ -165,5 +175,5 @@ def test_model_hf_without_weights_is_a_message(tmp_path, cache_dir):
     cfg = compose_config(["model=hf", "~experiment"], tmp_path, cache_dir)
     with open_dict(cfg):
         cfg.dry_run = True
-    with pytest.raises(ModelSpecError, match="no architecture.*model.pretrained"):
+    with pytest.raises(ModelSpecError, match="no architecture to build: model.pretrained is not set"):
         resolve_architecture(cfg.model, download=False)

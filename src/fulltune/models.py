@@ -130,10 +130,14 @@ def resolve_architecture(spec: DictConfig, download: bool = True) -> None:
     with open_dict(spec):
         if file is None:
             if given is None:
+                pretrained = spec.get("pretrained")
+                where = ("model.pretrained is not set" if not pretrained else
+                         f"model.pretrained={pretrained}: no such directory" if _is_path(pretrained) else
+                         f"the hub id {pretrained!r} has no config.json here (not downloaded, or offline)")
                 raise ModelSpecError(
-                    f"model={spec.name}: no architecture: model.pretrained={spec.get('pretrained')!r} has no "
-                    "config.json here and model.config is not given. Point model.pretrained at a local HF "
-                    "directory (config.json is enough for dry_run=true), or download it first.")
+                    f"model={spec.name}: no architecture to build: {where}, and model.config is not given. Set "
+                    "model.pretrained=DIR, a local HF directory (config.json, *.safetensors, tokenizer files; "
+                    "config.json alone is enough for dry_run=true), or a hub id when online.")
             spec.config_from = "model.config"
             return
         weights = json.loads(file.read_text())
