@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from fulltune.finetune import apply_finetune
 from fulltune.launch import resolve_hardware
-from fulltune.models import build_model, load_tokenizer
+from fulltune.models import ModelSpecError, build_model, load_tokenizer, resolve_architecture
 from fulltune.optim import optimizer_for_precision
 from fulltune.preflight import CONF_DIR, ConfigError, check_command_line
 
@@ -34,7 +34,10 @@ def test_every_group_has_an_option():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, tmp_path, cache_dir):
     cfg = compose_config([f"{group}={option}"], tmp_path, cache_dir)
-    if group == "model":
+    if group == "model" and option == "hf":  # its architecture is its directory's: none given here
+        with pytest.raises(ModelSpecError, match="model.pretrained is not set"):
+            resolve_architecture(cfg.model, download=False)
+    elif group == "model":
         model = build_model(cfg.model, device="meta")
         assert model.config.model_type == cfg.model.config.model_type
     elif group == "data":

@@ -111,7 +111,7 @@ def test_one_process_trains_and_exports_the_model_as_its_files_describe_it(famil
     resolved = json.loads((run / "summary.json").read_text())
     assert resolved["model"] == family  # model=hf: the run is named after the directory
     generation = json.loads((run / "hf" / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == ([0, 2] if family == "llama31" else [2])  # the model's own EOS ids kept
+    assert generation["eos_token_id"] == ([0, 2] if family == "llama31" else 2)  # the model's own EOS ids kept
     assert_exported_as_saved(family_dirs[family], run / "hf", tmp_path)
 
 

@@ -294,7 +294,8 @@ def write_hf_dir(
     # (the data's turn end, e.g. `<|im_end|>` on a base model trained with ChatML) or else the tokenizer's EOS
     generation = (GenerationConfig.from_model_config(config) if generation_config is None
                   else copy.deepcopy(generation_config))
-    generation.eos_token_id = stop_ids(generation, eos_token_ids or [tokenizer.eos_token_id])
+    stops = stop_ids(generation, eos_token_ids or [tokenizer.eos_token_id])
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops  # one id as an int, as HF writes it
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
