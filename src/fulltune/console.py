@@ -13,6 +13,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 GiB = 2**30
 # Lightning's own lines a fulltune run replaces (the header names the devices) or that advertise
 NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+# third-party loggers whose INFO/WARNING lines are about the library, not the run: DeepSpeed's accelerator
+# guess (it is imported where installed, whether the run uses it or not), matplotlib's font cache, torchao's
+# CUDA-only kernels on a CPU build and torch's pytree registrations (see fulltune/__init__.py)
+QUIET_LOGGERS = ("DeepSpeed", "matplotlib", "torchao", "torch.utils._pytree")
 
 
 class _DropNoise(logging.Filter):
@@ -20,20 +24,42 @@ class _DropNoise(logging.Filter):
         return not str(record.msg).startswith(NOISE)
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(debug: bool = False) -> None:
     """Print each Lightning event once (Hydra's handler prints it; `lightning` adds a second,
-    plain handler of its own), drop its advertisements, and silence two deprecation warnings
-    that libraries raise about their own internals (nothing a user can act on), by their source."""
+    plain handler of its own) and, unless `debug`, only fulltune's own lines and one progress bar:
+    Lightning's advertisements, third-party progress bars (transformers' weight loading and shard
+    writing, the GGUF conversion), library chatter at INFO (matplotlib's font cache) and warnings
+    libraries raise about their own internals (nothing a user can act on) are dropped by their
+    source. `debug=true` shows all of them, the quieting `fulltune/__init__.py` does at import too."""
     logging.getLogger("lightning").handlers.clear()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    if debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
         rank_zero.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
+    _quiet_progress_bars()
+
+
+def _quiet_progress_bars() -> None:
+    """transformers' own bars go through its switch; the GGUF conversion's is a plain tqdm."""
+    import functools
+
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    transformers.utils.logging.disable_progress_bar()
+    if not isinstance(gguf.tqdm, functools.partial):
+        gguf.tqdm = functools.partial(gguf.tqdm, disable=True)
 
 
 class StepProgressBar(RichProgressBar):
