@@ -4,47 +4,39 @@ and a closing table; each event once, without library advertisements or third-pa
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
 
+from fulltune.quiet import DropMessages, quiet_loggers
+
 GiB = 2**30
 # Lightning's own lines a fulltune run replaces (the header names the devices) or that advertise
 NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
-# third-party loggers whose INFO/WARNING lines are about the library, not the run: DeepSpeed's accelerator
-# guess (it is imported where installed, whether the run uses it or not), matplotlib's font cache, torchao's
-# CUDA-only kernels on a CPU build and torch's pytree registrations (see fulltune/__init__.py)
-QUIET_LOGGERS = ("DeepSpeed", "matplotlib", "torchao", "torch.utils._pytree")
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NOISE)
+LOG_WIDTH = 400  # columns of the progress line when the output is not a terminal (Rich would wrap at 80)
 
 
 def quiet_libraries(debug: bool = False) -> None:
     """Print each Lightning event once (Hydra's handler prints it; `lightning` adds a second,
     plain handler of its own) and, unless `debug`, only fulltune's own lines and one progress bar:
     Lightning's advertisements, third-party progress bars (transformers' weight loading and shard
-    writing, the GGUF conversion), library chatter at INFO (matplotlib's font cache) and warnings
-    libraries raise about their own internals (nothing a user can act on) are dropped by their
-    source. `debug=true` shows all of them, the quieting `fulltune/__init__.py` does at import too."""
+    writing, the GGUF conversion), the library lines of `fulltune.quiet` and warnings libraries
+    raise about their own internals (nothing a user can act on) are dropped by their source.
+    `debug=true` shows all of them."""
     logging.getLogger("lightning").handlers.clear()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    quiet_loggers(not debug)
     if debug:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.NOTSET)
         return
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropNoise())
+    if not any(isinstance(f, DropMessages) for f in rank_zero.filters):
+        rank_zero.addFilter(DropMessages(NOISE))
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
     _quiet_progress_bars()
@@ -66,6 +58,11 @@ class StepProgressBar(RichProgressBar):
     """One bar for the whole run, counting optimizer steps: its total is the run's step count (the
     LR schedule's length) and its ETA the time those steps will really take. Lightning's bar counts
     the micro-batches of one epoch, which a step cap or accumulation makes wrong."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if not sys.stdout.isatty():  # a log file: the bar and its metrics on one line, however many metrics
+            kwargs["console_kwargs"] = {"width": LOG_WIDTH, **kwargs.get("console_kwargs", {})}
+        super().__init__(**kwargs)
 
     @property
     def total_train_batches(self) -> int | float:

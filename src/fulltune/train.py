@@ -129,7 +129,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
     started = time.perf_counter()
     resolve_hardware(cfg)  # a no-op after `train`; `fit` is also called on its own (tests, sweeps)
     resolve_resume(cfg)  # resume=auto -> a checkpoint, and the interrupted run's dir as the output dir
-    quiet_libraries()
+    quiet_libraries(cfg.get("debug", False))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -206,13 +206,16 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
 
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
-    from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware
+    from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware, return_freed_memory
+    from fulltune.quiet import quiet_loggers
 
+    quiet_loggers(not cfg.get("debug", False))  # before the libraries load (debug: their lines too)
     resolve_hardware(cfg)
     preflight(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return None
+    return_freed_memory(cfg.trainer)  # before anything big is allocated
     planned = plan_settings(cfg)  # the meta-device model, built once for the gate and the run
     plan = check_memory(cfg, planned)
     summary = fit(cfg, None if plan is None else plan.total, arch=planned[0])
