@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 LOCK := requirements.lock
 
-.venv/.ready: $(LOCK)
+.venv/.ready: $(LOCK) pyproject.toml
 	python3 -m venv .venv
 	grep -v '^deepspeed==' $(LOCK) > .venv/locked.txt
 	$(PY) -m pip install -q --no-deps -r .venv/locked.txt   # torch==2.13.0 is the CPU build (a GPU machine: README)
