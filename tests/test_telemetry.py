@@ -108,6 +108,8 @@ def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
     """What `quiet_libraries` drops by logger or message comes back with debug=true."""
     import logging
 
+    import transformers
+
     from fulltune.console import quiet_libraries
 
     lines = [("DeepSpeed", logging.WARNING, "Setting accelerator to CPU. If you have GPU or other accelerator..."),
@@ -131,7 +133,9 @@ def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
         try:
             quiet_libraries()
             assert shown() == ["a DeepSpeed warning about the run"]
+            assert not transformers.utils.logging.is_progress_bar_enabled()
             quiet_libraries(debug=True)
             assert shown() == [message for _, _, message in lines]
+            assert transformers.utils.logging.is_progress_bar_enabled()
         finally:
             quiet_libraries()

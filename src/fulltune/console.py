@@ -32,6 +32,7 @@ def quiet_libraries(debug: bool = False) -> None:
         logger.handlers.clear()
         logger.propagate = True
     quiet_loggers(not debug)
+    _progress_bars(show=debug)
     if debug:
         return
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -39,19 +40,22 @@ def quiet_libraries(debug: bool = False) -> None:
         rank_zero.addFilter(DropMessages(NOISE))
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
-    _quiet_progress_bars()
 
 
-def _quiet_progress_bars() -> None:
+def _progress_bars(show: bool) -> None:
     """transformers' own bars go through its switch; the GGUF conversion's is a plain tqdm."""
     import functools
 
     import transformers
     import transformers.modeling_gguf_pytorch_utils as gguf
 
-    transformers.utils.logging.disable_progress_bar()
-    if not isinstance(gguf.tqdm, functools.partial):
-        gguf.tqdm = functools.partial(gguf.tqdm, disable=True)
+    quieted = isinstance(gguf.tqdm, functools.partial)
+    if show:
+        transformers.utils.logging.enable_progress_bar()
+        gguf.tqdm = gguf.tqdm.func if quieted else gguf.tqdm
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        gguf.tqdm = gguf.tqdm if quieted else functools.partial(gguf.tqdm, disable=True)
 
 
 class StepProgressBar(RichProgressBar):
