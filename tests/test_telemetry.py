@@ -92,14 +92,15 @@ def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_
 
 def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_path, cache_dir):
     out = run_command([sys.executable, *train_command(tmp_path / "run", cache_dir, [
-        "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "eval.task.num_examples=4",
-        "eval.forgetting=null"])])
+        "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "eval.task.num_examples=4", "eval.forgetting=null"])])
     assert out.count("Seed set to 1234") == 1
     for noise in ("Tip:", "set_vital", "LeafSpec", "GPU available", "Writing model shards", "Loading weights",
                   "Setting accelerator", "fontManager", "cutlass", "_pytree"):
         assert noise not in out
     assert "tiny · " in out and "parameters" in out and "× CPU" in out  # the header
-    assert "4/4" in out  # the progress bar counts the run's optimizer steps
+    (bar,) = [line for line in out.splitlines() if "4/4" in line]  # the bar counts the run's optimizer steps
+    assert "train/loss" in bar and "val/task_loss" in bar  # and its metrics stay on its line in a log file
     assert "tokens/s (training)" in out and "task/loss" in out  # the closing table
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["time_s"]["train"] > 0
 
