@@ -6,9 +6,11 @@
 Each case is `python train.py` (random init from the model's config, the tiny tokenizer, packed
 rows of `max_length` tokens, 3 optimizer steps, no evaluations, no checkpoints, no export) with
 the `PeakRSS` callback below: every rank resets its peak RSS just before the model is built and
-reports its growth after training. glibc's `MALLOC_MMAP_THRESHOLD_=65536` makes freed tensors
-leave RSS, so the peak is the live-tensor peak plus allocator slack. Planned = the plan's total
-without the CUDA overhead (`device="cpu"`), for the same settings. Results: docs/memory.md.
+reports its growth after training, and the whole process's peak RSS as a user sees it (`time -f
+%M`). No allocator settings from outside: a CPU run sets glibc's mmap threshold itself
+(`fulltune.launch.return_freed_memory`), so freed tensors leave RSS and the peak is the live-tensor
+peak plus allocator slack. Planned = the plan's total without the CUDA overhead (`device="cpu"`),
+for the same settings. Results: docs/memory.md.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class PeakRSS(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from fulltune.telemetry import reset_peak_memory
 
+        self.process_peak = _status_bytes("VmHWM")  # so far: imports, data; reset_peak_memory resets it
         reset_peak_memory()
         self.start, self.steps, self.phases = _status_bytes("VmRSS"), [], []
 
@@ -76,9 +79,10 @@ class PeakRSS(L.Callback):
         self._phase(trainer, "step done")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        growth = _status_bytes("VmHWM") - self.start
+        peak = _status_bytes("VmHWM")
         path = Path(trainer.default_root_dir) / f"peak_rss_{trainer.global_rank}.json"
-        path.write_text(json.dumps({"rank": trainer.global_rank, "growth": growth, "steps": self.steps,
+        path.write_text(json.dumps({"rank": trainer.global_rank, "growth": peak - self.start,
+                                    "process": max(peak, self.process_peak), "steps": self.steps,
                                     "phases_mib": self.phases}))
 
 
@@ -113,7 +117,7 @@ def planned_bytes(args: list[str]) -> int:
 def measure(name: str) -> dict:
     args = overrides(*CASES[name])
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
         command = [sys.executable, "train.py", *args, f"hydra.run.dir={out}", f"paths.log_dir={out}"]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -122,7 +126,8 @@ def measure(name: str) -> dict:
     largest = max(ranks, key=lambda r: r["growth"])
     planned = planned_bytes(args)
     return {"case": name, "planned_mib": planned / 2**20, "measured_mib": largest["growth"] / 2**20,
-            "measured_over_planned": largest["growth"] / planned, "step_s": statistics.median(ranks[0]["steps"][1:]),
+            "measured_over_planned": largest["growth"] / planned, "process_mib": largest["process"] / 2**20,
+            "process_over_planned": largest["process"] / planned, "step_s": statistics.median(ranks[0]["steps"][1:]),
             "phases_mib": largest["phases_mib"]}
 
 
@@ -132,12 +137,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory_plan.json")
     args = parser.parse_args()
     rows = []
-    print(f"{'case':30} {'planned MiB':>12} {'measured MiB':>13} {'measured/planned':>17} {'step s':>7}")
+    print(f"{'case':30} {'planned MiB':>12} {'measured MiB':>13} {'measured/planned':>17} {'process MiB':>12} "
+          f"{'process/planned':>16} {'step s':>7}")
     for name in args.cases:
         row = measure(name)
         rows.append(row)
         print(f"{name:30} {row['planned_mib']:12.1f} {row['measured_mib']:13.1f} {row['measured_over_planned']:17.2f} "
-              f"{row['step_s']:7.2f}", flush=True)
+              f"{row['process_mib']:12.1f} {row['process_over_planned']:16.2f} {row['step_s']:7.2f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
 

@@ -24,13 +24,16 @@ best-fit decreasing and padding-free) and are checked to train on about as many 
 
 What is measured: non-pad tokens per second from the first to the last optimizer step (step 1,
 which pays one-time allocations, is outside the window; model load, tokenization and packing are
-too). Peak memory on CPU = VmHWM at the last step minus RSS just before the model is built, VmHWM
-reset there (`echo 5 > /proc/self/clear_refs`); on CUDA = `torch.cuda.max_memory_allocated` minus
-what was allocated there. On CUDA also MFU: `fulltune.telemetry.model_flops` per example (each
+too). Memory, two ways: the whole process's peak, as a user's `time -f %M` sees it (on CPU the larger
+of VmHWM just before the model is built and VmHWM at the last step; on CUDA
+`torch.cuda.max_memory_allocated`), and its growth (on CPU VmHWM at the last step minus RSS just
+before the model is built, VmHWM reset there with `echo 5 > /proc/self/clear_refs`; on CUDA the
+peak minus what was allocated there). On CUDA also MFU: `fulltune.telemetry.model_flops` per example (each
 example's attention over its own tokens, however a tool lays it out, and the LM head on label
 positions for every tool, so the same rows are the same work) against `fulltune.telemetry.
-peak_tflops`. Every child runs with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors leave RSS) and
-OMP_NUM_THREADS=2.
+peak_tflops`. Every child runs with OMP_NUM_THREADS=2 and each tool's own allocator settings, none
+given from outside: fulltune sets glibc's mmap threshold itself on CPU (`fulltune.launch.
+return_freed_memory`; the `fulltune-pack-heap` diagnosis runs it without).
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ TOOLS = ("fulltune-pack", "fulltune-pad", "trl-pack", "hf-trainer", "torch-loop"
 # diagnosis: TRL as it ships (gradient checkpointing on: its SFTConfig default); fulltune with the
 # gradients dropped after each optimizer step (see fulltune_step_log); fulltune's packed micro-batch
 # flattened into one row, which transformers runs through flash-attention's varlen kernel (only where
-# that kernel loads: see packed_attention)
-EXTRA_TOOLS = ("trl-pack-defaults", "fulltune-pack-grads-freed", "fulltune-pack-varlen")
+# that kernel loads: see packed_attention); fulltune with glibc's default allocator settings
+EXTRA_TOOLS = ("trl-pack-defaults", "fulltune-pack-grads-freed", "fulltune-pack-varlen", "fulltune-pack-heap")
 LR, WARMUP, WEIGHT_DECAY, CLIP = 2e-5, 0.03, 0.01, 1.0
 FLASH = "flash_attention_2"  # transformers loads the `kernels` hub build of it when flash_attn is absent
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+CHILD_ENV = {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
              "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 GIB = 2**30
@@ -173,6 +176,7 @@ class StepLog:
         self.phases: dict[str, list] = {}  # per step: memory now, its peak, seconds, at points inside the step
         self._pending: list[Any] = [0, 0, 0]
         self.rss0 = 0
+        self.hwm0 = 0  # the whole process's peak before the window opened (CPU)
         self._t0 = time.perf_counter()
 
     def configure(self, setup: Setup, weights: str) -> None:
@@ -201,6 +205,7 @@ class StepLog:
         else:
             with contextlib.suppress(OSError, AttributeError):
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.hwm0 = _status_bytes("VmHWM")
             Path("/proc/self/clear_refs").write_text("5")
             self.rss0 = _status_bytes("VmRSS")
         self._t0 = time.perf_counter()
@@ -246,6 +251,7 @@ class StepLog:
             "tokens_per_s": sum(tokens[1:]) / span if span > 0 else None,
             "step_s": span / max(1, len(self.times) - 1),
             "peak_bytes": self.hwm[-1],
+            "process_peak_bytes": max(self.hwm0, self.hwm[-1] + self.rss0),
             "tokens_per_step": statistics.mean(tokens),
             "labels_per_step": statistics.mean(labels),
             "flops_per_step": statistics.mean(float(f) for f in self.flops),
@@ -648,6 +654,10 @@ def child(args: argparse.Namespace) -> None:
         return
     _LOG.configure(setup, _prepared(work)["weights"])
     if args.child.startswith("fulltune-"):
+        if args.child == "fulltune-pack-heap":  # glibc's default threshold: freed blocks stay in the heap
+            import fulltune.launch
+
+            fulltune.launch.return_freed_memory = lambda trainer: False
         result = run_fulltune(work, setup, args.child != "fulltune-pad", extra,
                               free_grads=args.child == "fulltune-pack-grads-freed",
                               flatten=args.child == "fulltune-pack-varlen")
@@ -707,12 +717,17 @@ def table(summary: dict, reference: str, gpu: bool = False) -> str:
     """The markdown table; on a GPU with the attention each tool ran and its MFU."""
     ref = summary.get(reference)
     gpu_head, gpu_rule = (" attention | TFLOP/s | MFU |", "---|---:|---:|") if gpu else ("", "")
-    lines = [f"| tool | tok/s (median) | × {reference} | peak GiB (median) | × {reference} | non-pad tok/step "
-             f"| label tok/step | runs |{gpu_head}", f"|---|---:|---:|---:|---:|---:|---:|---:|{gpu_rule}"]
+    lines = [f"| tool | tok/s (median) | × {reference} | process peak GiB (median) | × {reference} "
+             f"| growth GiB (median) | × {reference} | non-pad tok/step | label tok/step | runs |{gpu_head}",
+             f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{gpu_rule}"]
+
+    def ratio(s: dict, key: str) -> float:
+        return s[key] / ref[key] if ref else float("nan")
+
     for name, s in summary.items():
-        tps = s["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
-        mem = s["peak_bytes"] / ref["peak_bytes"] if ref else float("nan")
-        line = (f"| {name} | {s['tokens_per_s']:.0f} | {tps:.2f} | {s['peak_bytes'] / GIB:.2f} | {mem:.2f} "
+        line = (f"| {name} | {s['tokens_per_s']:.0f} | {ratio(s, 'tokens_per_s'):.2f} "
+                f"| {s['process_peak_bytes'] / GIB:.2f} | {ratio(s, 'process_peak_bytes'):.2f} "
+                f"| {s['peak_bytes'] / GIB:.2f} | {ratio(s, 'peak_bytes'):.2f} "
                 f"| {s['tokens_per_step']:.0f} | {s['labels_per_step']:.0f} | {s['runs']} |")
         if gpu:
             mfu = "–" if s["mfu"] is None else f"{s['mfu']:.1%}"
@@ -781,7 +796,8 @@ def main() -> None:
             run = _spawn(args, name, results / f"{name}-{round_}.json", env_extra)
             run.update(tool=name, round=round_, load_before=load)
             runs.append(run)
-            print(f"round {round_} {name}: {run['tokens_per_s']:.0f} tok/s, peak {run['peak_bytes'] / GIB:.2f} GiB, "
+            print(f"round {round_} {name}: {run['tokens_per_s']:.0f} tok/s, process peak "
+                  f"{run['process_peak_bytes'] / GIB:.2f} GiB, growth {run['peak_bytes'] / GIB:.2f} GiB, "
                   f"{run['tokens_per_step']:.0f} tok/step, {run['labels_per_step']:.0f} label tok/step, "
                   f"load {load:.2f}, {run['wall_s']} s", flush=True)
         round_s = time.time() - round_start
@@ -789,7 +805,8 @@ def main() -> None:
     for name in tools:
         mine = [r for r in runs if r["tool"] == name]
         summary[name] = {key: _median([r[key] for r in mine]) for key in (
-            "tokens_per_s", "peak_bytes", "tokens_per_step", "labels_per_step", "step_s", "tflops_per_s", "mfu")}
+            "tokens_per_s", "process_peak_bytes", "peak_bytes", "tokens_per_step", "labels_per_step", "step_s",
+            "tflops_per_s", "mfu")}
         summary[name].update(runs=len(mine), attention=attention_of(name, packed))
     reference = "trl-pack" if "trl-pack" in summary else tools[0]
     markdown = table(summary, reference, gpu=setup.cuda)

@@ -98,3 +98,44 @@ def test_missing_original_data_is_one_clear_error():
     datamodule = SimpleNamespace(val_source_names=["task"])
     with pytest.raises(ConfigError, match=r"no 'replay' validation data \(it has \['task'\]\); add a data.replay"):
         heldout_loader(datamodule, {"source": "replay"})
+
+
+def test_evaluations_after_a_final_validation_reuse_it_and_equal_the_direct_computation(tmp_path, cache_dir,
+                                                                                      monkeypatch):
+    """A validation at the last step has measured the task and replay splits on the final weights: the
+    task loss after training and the `source: replay` forgetting set take its losses (one pass over
+    those batches, not two), and they are the direct float64 computation on the exported weights."""
+    from hydra.utils import instantiate
+
+    import fulltune.evaluate
+    import fulltune.forgetting
+    from fulltune.models import load_tokenizer
+    from fulltune.module import CausalLMModule
+
+    passes = []
+    counted = fulltune.evaluate.mean_token_loss
+
+    def mean_token_loss(module, loader, share=None):
+        passes.append(loader)
+        return counted(module, loader, share)
+
+    for where in (fulltune.evaluate, fulltune.forgetting):
+        monkeypatch.setattr(where, "mean_token_loss", mean_token_loss)
+    overrides = [*TINY_FAST, REPLAY, "precision=fp32", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                 "eval.forgetting.cache_dir=null", "finetune.lr=3e-3"]
+    summary = fit(compose_config(overrides, tmp_path / "run", cache_dir))
+    # before: task, general, replay; at the validation: general alone; after training: none
+    assert len(passes) == 4
+
+    cfg = compose_config([*overrides, "model.source=pretrained", f"model.pretrained={tmp_path}/run/hf"],
+                         tmp_path / "direct", cache_dir)
+    datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(cfg.model), seed=cfg.seed)
+    module = CausalLMModule(model=cfg.model, optimizer=None)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        for key, loader in (("task/loss_after", datamodule.val_dataloader()[0]),
+                            ("forgetting/replay_loss_after", heldout_loader(datamodule, {"source": "replay"}))):
+            sums = [module.token_loss_sum(batch) for batch in loader]
+            direct = float(sum(s.double() for s, _ in sums) / sum(n.double() for _, n in sums))
+            assert summary[key] == pytest.approx(direct, rel=1e-12), key

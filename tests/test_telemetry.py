@@ -92,12 +92,51 @@ def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_
 
 def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_path, cache_dir):
     out = run_command([sys.executable, *train_command(tmp_path / "run", cache_dir, [
-        "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "eval.task.num_examples=4",
-        "eval.forgetting=null"])])
+        "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "eval.task.num_examples=4", "eval.forgetting=null"])])
     assert out.count("Seed set to 1234") == 1
-    for noise in ("Tip:", "set_vital", "LeafSpec", "GPU available"):
+    for noise in ("Tip:", "set_vital", "LeafSpec", "GPU available", "Writing model shards", "Loading weights",
+                  "Setting accelerator", "fontManager", "cutlass", "_pytree"):
         assert noise not in out
     assert "tiny · " in out and "parameters" in out and "× CPU" in out  # the header
-    assert "4/4" in out  # the progress bar counts the run's optimizer steps
+    (bar,) = [line for line in out.splitlines() if "4/4" in line]  # the bar counts the run's optimizer steps
+    assert "train/loss" in bar and "val/task_loss" in bar  # and its metrics stay on its line in a log file
     assert "tokens/s (training)" in out and "task/loss" in out  # the closing table
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["time_s"]["train"] > 0
+
+
+def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
+    """What `quiet_libraries` drops by logger or message comes back with debug=true."""
+    import logging
+
+    import transformers
+
+    from fulltune.console import quiet_libraries
+
+    lines = [("DeepSpeed", logging.WARNING, "Setting accelerator to CPU. If you have GPU or other accelerator..."),
+             ("matplotlib.font_manager", logging.INFO, "generated new fontManager"),
+             ("torchao", logging.WARNING, "Failed to load _C_cutlass_90a.abi3.so"),
+             ("DeepSpeed", logging.WARNING, "a DeepSpeed warning about the run")]
+
+    def shown() -> list[str]:
+        caplog.clear()
+        for name, level, message in lines:
+            logger, own = logging.getLogger(name), []
+            if not logger.propagate:  # DeepSpeed's, once deepspeed is imported
+                own = [caplog.handler]
+                logger.addHandler(caplog.handler)
+            logger.log(level, message)
+            for handler in own:
+                logger.removeHandler(handler)
+        return [r.getMessage() for r in caplog.records]
+
+    with caplog.at_level(logging.INFO):
+        try:
+            quiet_libraries()
+            assert shown() == ["a DeepSpeed warning about the run"]
+            assert not transformers.utils.logging.is_progress_bar_enabled()
+            quiet_libraries(debug=True)
+            assert shown() == [message for _, _, message in lines]
+            assert transformers.utils.logging.is_progress_bar_enabled()
+        finally:
+            quiet_libraries()

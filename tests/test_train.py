@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import distributions
 
 import torch
 from omegaconf import OmegaConf
@@ -28,7 +29,9 @@ def test_tiny_run_learns_and_exports_the_trained_weights(tiny_cfg, tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["task/loss_after"] == summary["task/loss_after"]
     run_cfg = OmegaConf.load(tmp_path / "config.yaml")
-    assert run_cfg.model.name == "tiny" and "torch" in run_cfg.run.versions and run_cfg.run.git_sha
+    assert run_cfg.model.name == "tiny" and run_cfg.run.git_sha
+    installed = {d.metadata["Name"]: d.version for d in distributions() if d.metadata["Name"]}
+    assert run_cfg.run.versions == installed and "numpy" in installed  # every installed package, not a few
 
     # Exported HF dir == the weights of the last checkpoint, through plain transformers.
     ckpt = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")  # weights_only=True: a resume runs no code

@@ -4,42 +4,69 @@ and a closing table; each event once, without library advertisements or third-pa
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
 
+from fulltune.quiet import DropMessages, quiet_loggers
+
 GiB = 2**30
 # Lightning's own lines a fulltune run replaces (the header names the devices) or that advertise
 NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+LOG_WIDTH = 400  # columns of the progress line when the output is not a terminal (Rich would wrap at 80)
 
 
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NOISE)
-
-
-def quiet_libraries() -> None:
+def quiet_libraries(debug: bool = False) -> None:
     """Print each Lightning event once (Hydra's handler prints it; `lightning` adds a second,
-    plain handler of its own), drop its advertisements, and silence two deprecation warnings
-    that libraries raise about their own internals (nothing a user can act on), by their source."""
+    plain handler of its own) and, unless `debug`, only fulltune's own lines and one progress bar:
+    Lightning's advertisements, third-party progress bars (transformers' weight loading and shard
+    writing, the GGUF conversion), the library lines of `fulltune.quiet` and warnings libraries
+    raise about their own internals (nothing a user can act on) are dropped by their source.
+    `debug=true` shows all of them."""
     logging.getLogger("lightning").handlers.clear()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    quiet_loggers(not debug)
+    _progress_bars(show=debug)
+    if debug:
+        return
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropNoise())
+    if not any(isinstance(f, DropMessages) for f in rank_zero.filters):
+        rank_zero.addFilter(DropMessages(NOISE))
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
+
+
+def _progress_bars(show: bool) -> None:
+    """transformers' own bars go through its switch; the GGUF conversion's is a plain tqdm."""
+    import functools
+
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    quieted = isinstance(gguf.tqdm, functools.partial)
+    if show:
+        transformers.utils.logging.enable_progress_bar()
+        gguf.tqdm = gguf.tqdm.func if quieted else gguf.tqdm
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        gguf.tqdm = gguf.tqdm if quieted else functools.partial(gguf.tqdm, disable=True)
 
 
 class StepProgressBar(RichProgressBar):
     """One bar for the whole run, counting optimizer steps: its total is the run's step count (the
     LR schedule's length) and its ETA the time those steps will really take. Lightning's bar counts
     the micro-batches of one epoch, which a step cap or accumulation makes wrong."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if not sys.stdout.isatty():  # a log file: the bar and its metrics on one line, however many metrics
+            kwargs["console_kwargs"] = {"width": LOG_WIDTH, **kwargs.get("console_kwargs", {})}
+        super().__init__(**kwargs)
 
     @property
     def total_train_batches(self) -> int | float:

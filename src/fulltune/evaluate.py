@@ -136,6 +136,18 @@ def mean_token_loss(module: L.LightningModule, loader: Iterable[dict], share: Ra
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def validated_loss(trainer: L.Trainer, module: L.LightningModule, source: str) -> float | None:
+    """The loss of validation source `source` when the validation that just ran measured these very
+    weights (this optimizer step) on all its batches, in the numbers `mean_token_loss` gives: fp32
+    with no autocast (validation steps run under the precision plugin's autocast, callbacks do not).
+    None otherwise: the caller measures."""
+    last = getattr(module, "last_validation", None)
+    if (last is None or last[0] != trainer.global_step or trainer.sanity_checking
+            or str(trainer.precision) != "32-true" or trainer.limit_val_batches != 1.0):
+        return None
+    return last[1].get(source)
+
+
 def exact_match(predictions: list[str], answers: list[str]) -> float:
     """Fraction of predictions equal to their answer, ignoring surrounding whitespace."""
     return sum(p.strip() == a.strip() for p, a in zip(predictions, answers, strict=False)) / max(len(answers), 1)
@@ -200,7 +212,9 @@ class TaskEvaluation(BeforeAfterEvaluation):
 
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
         datamodule, share = trainer.datamodule, RankShare.of(trainer)
-        loss = mean_token_loss(module, datamodule.val_dataloader()[0], share)
+        loss = validated_loss(trainer, module, "task")  # after a validation at the last step: its task loss
+        if loss is None:
+            loss = mean_token_loss(module, datamodule.val_dataloader()[0], share)
         examples = datamodule.generation_examples(self.num_examples)
         with eval_mode(module.model) as model:
             predictions = greedy_completions(

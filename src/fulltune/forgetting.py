@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from fulltune.atomic import write_text
-from fulltune.evaluate import mean_token_loss
+from fulltune.evaluate import mean_token_loss, validated_loss
 from fulltune.preflight import ConfigError
 
 SPREAD = 64  # the builtin set's order: every 64th paragraph, then the next...: any prefix spans all topics
@@ -167,11 +167,14 @@ class ForgettingEvaluation(L.Callback):
             write_text(path, json.dumps(record))
         return loss
 
-    def measure(self, module: L.LightningModule) -> dict[str, float]:
-        """Current loss and forgetting (loss_now − loss_pre) on every set."""
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        """Current loss and forgetting (loss_now − loss_pre) on every set; a `source` set's loss is the
+        validation's when it just measured the same batches (`validated_loss`)."""
         out = {}
         for name, loader in self.loaders.items():
-            loss = mean_token_loss(module, loader)
+            source = self.sets[name].get("source")
+            loss = validated_loss(trainer, module, source) if source else None
+            loss = mean_token_loss(module, loader) if loss is None else loss
             out[f"forgetting/{name}"] = loss - self.before[name]
             out[f"forgetting/{name}_loss"] = loss
         return out
@@ -179,7 +182,9 @@ class ForgettingEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.loaders:
             return
-        self.last = (trainer.global_step, self.measure(module))
+        if hasattr(module, "validation_losses"):  # reduced now (the module logs them after the callbacks),
+            module.validation_losses()             # so a `source` set reuses this validation's loss
+        self.last = (trainer.global_step, self.measure(trainer, module))
         for key, value in self.last[1].items():
             module.log(key, value)
 
@@ -187,7 +192,7 @@ class ForgettingEvaluation(L.Callback):
         if not self.loaders:
             return
         validated_now = self.last is not None and self.last[0] == trainer.global_step  # same weights
-        now = self.last[1] if validated_now else self.measure(module)
+        now = self.last[1] if validated_now else self.measure(trainer, module)
         for name in self.loaders:
             before, after = self.before[name], now[f"forgetting/{name}_loss"]
             self.results.update({

@@ -25,6 +25,26 @@ def _cuda(trainer: DictConfig) -> bool:
     return trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_freed_memory(trainer: DictConfig, threshold: int = 64 * 1024) -> bool:
+    """On CPU, let freed tensors leave the process, as `MALLOC_MMAP_THRESHOLD_=65536` would, set here so
+    that users need no environment variable: glibc then serves every block of `threshold` bytes and up
+    with its own mmap, returned to the system when freed. By default glibc raises that threshold to the
+    largest block freed so far (up to 32 MiB), so a step's tensors come from the heap and the heap keeps
+    the size of the step's peak plus whatever fragments it: more RSS than the live tensors ever need.
+    True when set (glibc on a CPU run)."""
+    import ctypes
+
+    if _cuda(trainer):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def device_count(trainer: DictConfig) -> int:
     """Processes per node: `devices: auto` (or -1) is every visible GPU, one process on CPU."""
     import torch

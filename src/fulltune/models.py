@@ -329,7 +329,7 @@ def _train_tiny_tokenizer(target: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,  # blank lines in a log file
     )
     tok.train_from_iterator(lines, trainer)
     fast = PreTrainedTokenizerFast(

@@ -40,6 +40,7 @@ class CausalLMModule(L.LightningModule):
         self.finetune = finetune
         self.regularizer = regularizer  # a penalty towards the pretrained weights (EWC, L2-SP), or None
         self.model: torch.nn.Module | None = None
+        self.last_validation: tuple[int, dict[str, float]] | None = None  # (global step, loss per source)
 
     def configure_model(self) -> None:
         """Build (and under FSDP, shard) the model once the strategy is set up.
@@ -105,17 +106,29 @@ class CausalLMModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(len(self.val_source_names), 2, device=self.device, dtype=torch.float64)
+        self.last_validation = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         loss_sum, n_tokens = self.token_loss_sum(batch)
         self._val_sums[dataloader_idx] += torch.stack([loss_sum.detach().double(), n_tokens.double()])
 
+    def validation_losses(self) -> dict[str, float]:
+        """Token-weighted mean loss per validation source of the validation that just ran, exact across
+        ranks: reduced once (every rank calls it), then kept with its step in `last_validation`, so
+        evaluations of the same weights (forgetting on a `source` set, the task loss after the last
+        step) reuse it instead of running the same batches again."""
+        if self.last_validation is None:
+            sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+            losses = {name: (loss_sum / n_tokens.clamp(min=1)).item()
+                      for name, (loss_sum, n_tokens) in zip(self.val_source_names, sums, strict=False)}
+            self.last_validation = (self.global_step, losses)
+        return self.last_validation[1]
+
     def on_validation_epoch_end(self) -> None:
-        """Token-weighted mean loss per validation source, exact across ranks."""
-        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        for name, (loss_sum, n_tokens) in zip(self.val_source_names, sums, strict=False):
-            self.log(f"val/{name}_loss", (loss_sum / n_tokens.clamp(min=1)).float(), prog_bar=name == "task")
-        self.log("val/loss", (sums[0, 0] / sums[0, 1].clamp(min=1)).float())
+        losses = self.validation_losses()
+        for name, loss in losses.items():
+            self.log(f"val/{name}_loss", loss, prog_bar=name == "task")
+        self.log("val/loss", losses[self.val_source_names[0]])
 
     @property
     def val_source_names(self) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,21 +16,35 @@ from omegaconf import DictConfig, OmegaConf
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# the config tree: shipped inside an installed wheel as fulltune/conf, at the top level of a clone
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parents[1] / "conf"
 
 
 class ConfigError(ValueError):
     """A user-fixable configuration problem."""
 
 
-def config_groups() -> set[str]:
-    return {p.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*") if p.is_dir()}
+def config_groups(roots: Sequence[Path] = ()) -> set[str]:
+    """The config groups of the shipped tree and of a user's own config dirs (`roots`)."""
+    return {p.relative_to(root).as_posix() for root in (CONF_DIR, *roots) for p in root.rglob("*") if p.is_dir()}
 
 
-def check_command_line(overrides: list[str], multirun: bool = False) -> None:
+def user_config_dirs(parsed: Sequence[Override], config_dir: str | None) -> list[str]:
+    """A user's own config dirs, where Hydra looks beside the shipped tree: `--config-dir DIR` and
+    the `hydra.searchpath=[...]` entries (`file://DIR`, or `pkg://module` for a package's)."""
+    dirs = [f"file://{Path(config_dir).absolute()}"] if config_dir else []
+    for o in parsed:
+        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
+            dirs += [str(d) for d in o.value()]
+    return dirs
+
+
+def check_command_line(overrides: list[str], multirun: bool = False, config_dir: str | None = None) -> None:
     """What Hydra would fail on with a trace of its own, checked before it runs: unknown keys and
     group options (each named with the closest valid ones), and a run dir (`hydra.run.dir`, or
     `hydra.sweep.dir` for a multirun) it could not create, e.g. under a read-only `paths.log_dir`.
+    Options and keys may come from a user's own config dirs (`config_dir`, `hydra.searchpath`).
 
     Hydra alone says only "Key 'x' is not in struct", and creates the run dir before fulltune's code
     runs. Sweep overrides are checked at their first value.
@@ -39,10 +54,14 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
     from hydra.core.override_parser.types import ValueType
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    groups = config_groups()
+    searchpath = user_config_dirs(parsed, config_dir)
+    roots = [Path(d.removeprefix("file://")) for d in searchpath if d.startswith("file://")]
+    search = [f"hydra.searchpath=[{','.join(searchpath)}]"] if searchpath else []
+    parsed = [o for o in parsed if o.key_or_group != "hydra.searchpath"]
+    groups = config_groups(roots)
     for o in parsed:
         if o.key_or_group in groups and not o.is_delete() and not o.key_or_group.startswith("hydra"):
-            check_group_option(o)
+            check_group_option(o, roots)
 
     def first_choice(o: Override) -> str:
         value = next(iter(o.sweep_iterator())) if o.is_sweep_override() else o.value()
@@ -57,13 +76,13 @@ def check_command_line(overrides: list[str], multirun: bool = False) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         if to_check:  # named against the config the group choices give, before the values could fail it
             selections = [first_choice(o) for o in parsed if o.key_or_group in groups and not o.is_delete()]
-            cfg = compose("train", overrides=selections)
+            cfg = compose("train", overrides=[*search, *selections])
             for key in to_check:
                 check_key(cfg, key)
         run_dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         try:
-            cfg = compose("train", overrides=[first_choice(o) if o.is_sweep_override() else o.input_line
-                                              for o in parsed], return_hydra_config=True)
+            cfg = compose("train", overrides=[*search, *(first_choice(o) if o.is_sweep_override() else o.input_line
+                                                         for o in parsed)], return_hydra_config=True)
             run_dir, log_dir = str(OmegaConf.select(cfg, run_dir_key)), str(cfg.paths.log_dir)
         except Exception:  # noqa: BLE001 - what else Hydra refuses (or resolves only when it runs), it reports
             return
@@ -89,9 +108,10 @@ def check_key(cfg: DictConfig, key: str) -> None:
     )
 
 
-def check_group_option(override: Override) -> None:
-    """`group=option` names a file conf/<group>/<option>.yaml (each one, for a choice sweep): Hydra would
-    say so only after a stack of its own frames, with exit code 1."""
+def check_group_option(override: Override, roots: Sequence[Path] = ()) -> None:
+    """`group=option` names a file conf/<group>/<option>.yaml (each one, for a choice sweep), shipped or
+    in a user's config dir (`roots`): Hydra would say so only after a stack of its own frames, with
+    exit code 1."""
     from hydra.core.override_parser.types import ValueType
 
     if override.value_type == ValueType.ELEMENT:
@@ -101,8 +121,8 @@ def check_group_option(override: Override) -> None:
     else:
         return  # glob and range sweeps: Hydra expands them
     group = override.key_or_group
-    options = sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix()
-                     for p in (CONF_DIR / group).rglob("*.yaml") if not p.name.startswith("_"))
+    options = sorted({p.relative_to(root / group).with_suffix("").as_posix() for root in (CONF_DIR, *roots)
+                      for p in (root / group).rglob("*.yaml") if not p.name.startswith("_")})
     for value in values:
         if value is not None and str(value) not in ("null", *options):
             close = difflib.get_close_matches(str(value), options, n=3)

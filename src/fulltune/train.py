@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
+from importlib.metadata import distributions
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,19 +25,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 JOB_CONFIG_ENV = "FULLTUNE_JOB_CONFIG"
-PACKAGES = ("torch", "lightning", "transformers", "hydra-core", "datasets", "peft", "wandb")
 
 
 def run_metadata() -> dict:
-    """Git SHA (with a dirty flag) and package versions, stored beside the resolved config."""
+    """Git SHA (with a dirty flag) of a clone's code (none for an installed wheel: its version is in
+    `versions`) and the version of every installed package, stored beside the resolved config."""
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=CONF_DIR.parent, capture_output=True, text=True)
         return out.stdout.strip()
 
+    clone = (CONF_DIR.parent / ".git").exists()  # not a user's repository that a venv happens to sit in
     return {
-        "git_sha": git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "versions": {name: version(name) for name in PACKAGES},
+        "git_sha": (git("rev-parse", "HEAD") or None) if clone else None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if clone else None,
+        "versions": dict(sorted((d.metadata["Name"], d.version) for d in distributions() if d.metadata["Name"])),
         "python": sys.version.split()[0],
     }
 
@@ -129,7 +130,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
     resolve_hardware(cfg)  # a no-op after `train`; `fit` is also called on its own (tests, sweeps)
     resolve_resume(cfg)  # resume=auto -> a checkpoint, and the interrupted run's dir as the output dir
     resolve_architecture(cfg.model)  # a no-op after `train`
-    quiet_libraries()
+    quiet_libraries(cfg.get("debug", False))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -206,15 +207,18 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
 
 def train(cfg: DictConfig) -> float | None:
     """One run from a composed config; returns `cfg.optimized_metric` for sweepers."""
-    from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware
+    from fulltune.launch import check_memory, dry_run, plan_settings, resolve_hardware, return_freed_memory
     from fulltune.models import resolve_architecture
+    from fulltune.quiet import quiet_loggers
 
+    quiet_loggers(not cfg.get("debug", False))  # before the libraries load (debug: their lines too)
     resolve_hardware(cfg)
     preflight(cfg)
     resolve_architecture(cfg.model, download=not cfg.dry_run)  # the weights' config.json, once, for every step
     if cfg.dry_run:
         dry_run(cfg)
         return None
+    return_freed_memory(cfg.trainer)  # before anything big is allocated
     planned = plan_settings(cfg)  # the meta-device model, built once for the gate and the run
     plan = check_memory(cfg, planned)
     summary = fit(cfg, None if plan is None else plan.total, arch=planned[0])
@@ -233,6 +237,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return train(cfg)
 
 
+def split_config_dir(args: list[str]) -> tuple[list[str], str | None]:
+    """The command line less a user's own config dir (`--config-dir DIR`, `-cd DIR`,
+    `--config-dir=DIR`: Hydra searches it beside the shipped tree), and that dir."""
+    for k, arg in enumerate(args):
+        if arg in ("--config-dir", "-cd") and k + 1 < len(args):
+            return args[:k] + args[k + 2:], args[k + 1]
+        if arg.startswith("--config-dir="):
+            return args[:k] + args[k + 1:], arg.partition("=")[2]
+    return args, None
+
+
 def main() -> None:
     """Console entry: unknown keys and group options get a did-you-mean message before Hydra composes
     anything; any user error ends the run as its message alone with exit code 2 (`fulltune.errors`).
@@ -247,9 +262,10 @@ def main() -> None:
         with exit_on_user_error(debug=cfg.get("debug", False)):
             train(cfg)
         return
-    flags = [a for a in sys.argv[1:] if a.startswith("-")]
-    overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]
+    args, config_dir = split_config_dir(sys.argv[1:])
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
     if set(flags) <= {"-m", "--multirun"}:  # --help, --cfg ...: Hydra answers without a run dir
         with exit_on_user_error():
-            check_command_line(overrides, multirun=bool(flags))
+            check_command_line(overrides, multirun=bool(flags), config_dir=config_dir)
     _hydra_main()

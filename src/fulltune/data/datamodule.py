@@ -333,11 +333,13 @@ class FineTuneDataModule(L.LightningDataModule):
         return self._eval_loader(_Batches([store], self._pad_id(), self.packing), [0])
 
     def _eval_loader(self, builder: _Batches, ids: list[int]) -> DataLoader:
-        """Every example of the stores `ids` once, in order, packed like training when packing is on."""
+        """Every example of the stores `ids` once, packed like training when packing is on, else in
+        batches of similar lengths (shortest first): a mean over all of them is the same whatever the
+        batches, and rows padded to their batch's longest cost up to twice the tokens in item order."""
         stores = builder.stores
         items = [(s, i) for s in ids for i in range(len(stores[s]))]
         lengths = np.array([stores[s].lengths[i] for s, i in items])
-        rows = pack(lengths, self.max_length) if self.packing else [[k] for k in range(len(items))]
+        rows = pack(lengths, self.max_length) if self.packing else [[k] for k in np.argsort(lengths, kind="stable")]
         rows = [tuple(items[k] for k in row) for row in rows]
         batches = []
         for b in range(0, len(rows), self.eval_batch_size):
