@@ -117,6 +117,8 @@ def preflight(cfg: DictConfig) -> None:
 
     import torch
 
+    from fulltune.step_in_backward import check_step_in_backward
+
     if cfg.eval.get("harness") and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(
             "eval=harness needs lm-eval-harness, which is not installed: `pip install 'fulltune[eval]'`, "
@@ -132,6 +134,7 @@ def preflight(cfg: DictConfig) -> None:
             "model.attn_implementation=sdpa (its block-diagonal mask keeps them apart), or data.batch_size=1 "
             "with a longer data.max_length.")
     check_strategy(cfg)
+    check_step_in_backward(cfg)
     check_devices(cfg.trainer)
     if not cfg.get("dry_run"):
         for key in ("paths.output_dir", "paths.cache_dir"):
