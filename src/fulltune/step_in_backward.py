@@ -6,9 +6,9 @@ exist, only the few a layer's backward holds at once. Under DDP the step runs in
 optimizer-in-backward communication hook, on the all-reduced gradient.
 
 `StepInBackward` stands for all of them towards Lightning and the LR scheduler. Its `param_groups`
-are the per-parameter optimizers' own group dicts, so a scheduler stepping it sets the LR every
-parameter steps with (a wrapper with param groups of its own would leave the inner optimizers at
-their first LR). Its state dict holds every inner optimizer's, so checkpoints and `resume=auto` are
+are the per-parameter optimizers' own group dicts, looked up each time (loading a state dict replaces
+them), so a scheduler stepping it sets the LR every parameter steps with: a wrapper with param groups
+of its own, or holding the groups it saw first, would leave the inner optimizers at an old LR. Its state dict holds every inner optimizer's, so checkpoints and `resume=auto` are
 exact. `skip` (set by `NonFiniteGuard` before backward, from the step's loss) makes a backward step
 nothing and drop its gradients.
 """
@@ -57,14 +57,25 @@ class StepInBackward(torch.optim.Optimizer):
 
     def __init__(self, params: list[dict], factory: Callable[..., torch.optim.Optimizer]) -> None:
         groups = [{**group, "params": [p]} for group in params for p in group["params"]]
-        self.optimizers = [factory([group]) for group in groups]
         super().__init__([p for group in groups for p in group["params"]], {})
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        self.optimizers = [factory([group]) for group in groups]
         self.defaults = self.optimizers[0].defaults
         self.state = _State(self.optimizers)
         self.skip = False
         self._hooks = [group["params"][0].register_post_accumulate_grad_hook(self._step_hook(o))
                        for group, o in zip(groups, self.optimizers, strict=True)]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner optimizers' own group dicts, looked up on every use: `load_state_dict` replaces them.
+        (Until they exist, inside `Optimizer.__init__`, the groups it builds.)"""
+        if "optimizers" not in self.__dict__:
+            return self.__dict__["_checked_groups"]
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.__dict__["_checked_groups"] = groups  # only `Optimizer.__init__` sets them
 
     def _step_hook(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
         def step(param: torch.Tensor) -> None:
