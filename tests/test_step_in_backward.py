@@ -3,6 +3,8 @@ skips a NaN step, reaches every parameter with the LR schedule, and refuses what
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,3 +79,19 @@ def test_combinations_it_cannot_run_are_refused_up_front(extra, reason, tmp_path
     cfg = compose_config([*base, extra], tmp_path, cache_dir)
     with pytest.raises(ConfigError, match=reason):
         preflight(cfg)
+
+
+def test_ddp_steps_in_backward_on_the_all_reduced_gradients_as_the_ordinary_step_does(run):
+    """Two 2-process DDP runs of the shared strategy run (tests/strategy_runs.py), 10 steps without
+    accumulation or clipping, one stepping in DDP's reduce hook: the same weights. Step 3 has NaN
+    activations on rank 1 only: both ranks must skip it, before any parameter is stepped."""
+    ddp = ["trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=null", "trainer.max_steps=10",
+           "+callbacks.poison._target_=tests.faults.PoisonSteps", "+callbacks.poison.rank=1",
+           "+callbacks.poison.steps=[3]"]
+    ordinary, in_backward = run("ddp", *ddp), run("ddp", *ddp, IN_BACKWARD)
+    gap = max_abs_diff(hf_weights(ordinary / "hf"), hf_weights(in_backward / "hf"))
+    print(f"DDP: max |weight gap| after 10 steps: {gap:.2e}")
+    assert gap <= 1e-6
+    sums = json.loads((in_backward / "fault-weight-sums.json").read_text())
+    assert sums[0] == sums[1]  # the ranks never diverged
+    assert json.loads((in_backward / "summary.json").read_text())["train/nonfinite_skipped_steps"] == 1

@@ -3,7 +3,7 @@
 Each trainable parameter gets its own optimizer, stepped by a post-accumulate-grad hook the moment
 backward has produced that parameter's gradient, which is then freed: whole-model gradients never
 exist, only the few a layer's backward holds at once. Under DDP the step runs in DDP's own
-optimizer-in-backward communication hook, on the all-reduced gradient.
+communication hook, on the all-reduced gradient.
 
 `StepInBackward` stands for all of them towards Lightning and the LR scheduler. Its `param_groups`
 are the per-parameter optimizers' own group dicts, looked up each time (loading a state dict replaces
@@ -85,17 +85,35 @@ class StepInBackward(torch.optim.Optimizer):
         return step
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Hand the steps to DDP when `model` is its wrapper: DDP all-reduces each gradient bucket and
-        steps its parameters' optimizers on the reduced gradients (torch's optimizer-in-backward hook)."""
+        """Hand the steps to DDP when `model` is its wrapper: each gradient bucket is all-reduced and its
+        parameters stepped on the reduced gradients, in the bucket's communication hook (torch's own
+        optimizer-in-backward hook needs an accelerator stream, so it cannot run on CPU)."""
         from torch.nn.parallel import DistributedDataParallel
 
         if not isinstance(model, DistributedDataParallel):
             return
         for hook in self._hooks:  # a local hook would step the gradient before its all-reduce
             hook.remove()
-        for optimizer in self.optimizers:
-            optimizer.param_groups[0]["params"][0]._in_backward_optimizers = [_Gated(self, optimizer)]
-        model._setup_in_backward_optimizers()  # registers DDP's hook (torch.distributed.optim's mechanism)
+        model.register_comm_hook(model.process_group, self._ddp_hook)
+        model.reducer._set_optimizer_in_backward()  # the reducer then leaves `.grad` unset after backward
+
+    def _ddp_hook(self, group, bucket):  # noqa: ANN001, ANN202  DDP accepts only GradBucket or no annotation
+        """All-reduce (mean) one bucket, then step each of its parameters on its reduced gradient."""
+        import torch.distributed as dist
+
+        owner = {p: o for o in self.optimizers for p in o.param_groups[0]["params"]}
+        buffer = bucket.buffer().div_(dist.get_world_size(group))
+        reduced = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+        def step(_: Any) -> torch.Tensor:
+            for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                if not self.skip:
+                    param.grad = grad
+                    owner[param].step()
+                param.grad = None
+            return buffer
+
+        return reduced.then(step)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is None:
@@ -118,17 +136,6 @@ class StepInBackward(torch.optim.Optimizer):
                               f"{len(self.optimizers)} parameters: resume with the finetune settings it was saved with")
         for optimizer, state in zip(self.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
-
-
-class _Gated:
-    """What DDP's hook steps: the parameter's optimizer, unless the wrapper skips this step."""
-
-    def __init__(self, wrapper: StepInBackward, optimizer: torch.optim.Optimizer) -> None:
-        self.wrapper, self.optimizer = wrapper, optimizer
-
-    def step(self) -> None:
-        if not self.wrapper.skip:
-            self.optimizer.step()
 
 
 def check_step_in_backward(cfg: DictConfig) -> None:
