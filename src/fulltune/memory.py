@@ -143,6 +143,7 @@ class MemoryPlan:
     gpu: str | None = None  # what the plan is held against: a catalogue GPU, or a label for `capacity`
     capacity: int | None = None  # usable bytes per device (a catalogue GPU's, or measured free memory)
     device: str = "cuda"  # cpu: the plan is held against RAM, where offloaded shards live too
+    step_in_backward: bool = False
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     LINES = (
@@ -445,6 +446,7 @@ def build_memory_plan(
         gpu=gpu,
         capacity=capacity if capacity is not None else (gpu_bytes(gpu) if gpu else None),
         device=device,
+        step_in_backward=step_in_backward,
         notes={
             **_notes(arch, mode, strategy, n, gradient_checkpointing, tokens, seq_len, extra_param_copies),
             "logits": f"{min(loss_chunk_tokens, tokens)} label tokens x {arch.vocab} vocab per chunk + hidden states"
@@ -560,8 +562,10 @@ def _overrides(change: dict[str, Any]) -> tuple[str, ...]:
             out += [f"trainer.devices={per_node}"] + ([f"trainer.num_nodes={value // per_node}"] if value > 8 else [])
         elif key == "optimizer":
             out.append(f"optimizer={OPTIMIZER_CONFIGS[value]}")
-        elif key == "step_in_backward":  # it steps every parameter at once: no accumulation, no global clipping
+        elif key == "step_in_backward" and value:  # each parameter stepped alone: no accumulation, no global clipping
             out += ["optimizer.step_in_backward=true", "trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=null"]
+        elif key == "step_in_backward":
+            out.append("optimizer.step_in_backward=false")
         elif key == "lora_rank":
             out.append("finetune=qlora" if change.get("quantize_base") else "finetune=lora")
     return tuple(sorted(out, key=lambda o: not o.startswith(("precision=", "optimizer=", "finetune=", "strategy="))))
@@ -607,14 +611,14 @@ def suggest_alternatives(model: Any, plan_kwargs: dict[str, Any], gpu: str) -> l
             for optimizer in low_bit:
                 options.append((f"{'bf16-true + ' if pure else ''}{LOW_BIT[optimizer]} AdamW + step in backward + "
                                 "checkpointing", {**pure, "optimizer": optimizer, "step_in_backward": True, **ckpt}))
+    sharded = {**ckpt, **({"step_in_backward": False} if kwargs.get("step_in_backward") else {})}  # refused there
     for name in ("fsdp", "fsdp_offload", "deepspeed_zero3_offload"):
         offload = name.endswith("_offload")
         if name != strategy and (n > 1 or offload) and not (offload and cpu):
-            options.append((f"{name} on {n} device{'s' * (n > 1)} + checkpointing", {"strategy": name, **ckpt}))
-    more = _devices_needed(arch, {**kwargs, "strategy": "fsdp", **ckpt, "step_in_backward": False})
+            options.append((f"{name} on {n} device{'s' * (n > 1)} + checkpointing", {"strategy": name, **sharded}))
+    more = _devices_needed(arch, {**kwargs, "strategy": "fsdp", **sharded})
     if more:
-        options.append((f"fsdp on {more} devices + checkpointing",
-                        {"strategy": "fsdp", "world_size": more, **ckpt, "step_in_backward": False}))
+        options.append((f"fsdp on {more} devices + checkpointing", {"strategy": "fsdp", "world_size": more, **sharded}))
     if full:
         options.append(("LoRA r=16 on q/k/v/o + checkpointing", {"lora_rank": 16, **ckpt}))
         options.append(("QLoRA r=16 (NF4 base) + checkpointing", {"lora_rank": 16, "quantize_base": True, **ckpt}))
@@ -638,7 +642,8 @@ def render_plan(plan: MemoryPlan, alternatives: list[Alternative] | tuple = ()) 
     out = [
         f"Memory plan: {plan.model}, {plan.total_params:,} params, {plan.trainable_params:,} trainable ({plan.method})",
         f"  {plan.precision} | {plan.strategy} x {plan.world_size} | {plan.optimizer} | micro-batch "
-        f"{plan.micro_batch_size} x seq {plan.seq_len} | gradient checkpointing {ckpt}",
+        f"{plan.micro_batch_size} x seq {plan.seq_len} | gradient checkpointing {ckpt}"
+        + (" | step in backward" if plan.step_in_backward else ""),
         f"  accounting: {plan.accounting}",
         f"  {'':26}{'GiB/device':>11}",
     ]
