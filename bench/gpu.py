@@ -75,7 +75,7 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     from fulltune.launch import plan_settings
     from fulltune.memory import build_memory_plan
     from fulltune.module import CausalLMModule
-    from fulltune.optim import optimizer_for_precision, param_groups
+    from fulltune.optim import optimizer_for_precision, optimizer_keywords, param_groups
     from fulltune.telemetry import model_flops, peak_tflops
 
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     assert next(net.parameters()).dtype == dtype
     if recipe:
         factory = optimizer_for_precision(cfg.optimizer, precision, "auto")
-        decay = factory.keywords.get("factory", factory).keywords.get("weight_decay", 0.0)
+        decay = optimizer_keywords(factory).get("weight_decay", 0.0)
         optimizer = factory(param_groups(net.parameters(), decay))
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)

@@ -21,7 +21,8 @@ from .strategy_runs import EXACT, hf_weights, max_abs_diff
 RUN = [
     "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=10", "trainer.enable_progress_bar=false",
     "callbacks.progress_bar=null", "eval.task=null", "eval.forgetting=null", "optimizer.lr=3e-3",
-    "scheduler.warmup_steps=3", "data.batch_size=8", "trainer.gradient_clip_val=null", "save_steps=5", "save_total_limit=3",
+    "scheduler.warmup_steps=3", "data.batch_size=8", "trainer.gradient_clip_val=null", "save_steps=5",
+    "save_total_limit=3",
     "+callbacks.poison._target_=tests.faults.PoisonSteps", "+callbacks.poison.steps=[3]",
 ]
 IN_BACKWARD = "optimizer.step_in_backward=true"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import functools
 from fnmatch import fnmatchcase
 
-from omegaconf import DictConfig
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from fulltune.preflight import ConfigError
@@ -161,7 +161,7 @@ def merged_for_export(model: nn.Module) -> nn.Module:
 
 
 def _is_4bit(module: nn.Module) -> bool:
-    return any(cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__)
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 def _merge_into_dequantized(model: nn.Module) -> None:

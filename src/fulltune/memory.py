@@ -563,7 +563,8 @@ def _overrides(change: dict[str, Any]) -> tuple[str, ...]:
         elif key == "optimizer":
             out.append(f"optimizer={OPTIMIZER_CONFIGS[value]}")
         elif key == "step_in_backward" and value:  # each parameter stepped alone: no accumulation, no global clipping
-            out += ["optimizer.step_in_backward=true", "trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=null"]
+            out += ["optimizer.step_in_backward=true", "trainer.accumulate_grad_batches=1",
+                    "trainer.gradient_clip_val=null"]
         elif key == "step_in_backward":
             out.append("optimizer.step_in_backward=false")
         elif key == "lora_rank":

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from fulltune.finetune import apply_finetune, decoder_layers
 from fulltune.loss import LabelLossHead, full_logits_loss_sum, install_label_loss_head
 from fulltune.models import build_model, resolve_weights
-from fulltune.optim import param_groups
+from fulltune.optim import optimizer_keywords, param_groups
 from fulltune.regularizers import Regularizer
 from fulltune.step_in_backward import StepInBackward
 from fulltune.strategies import FSDP2Strategy, load_sharded_weights
@@ -138,7 +138,7 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         factory = self.optimizer_factory
-        weight_decay = factory.keywords.get("factory", factory).keywords.get("weight_decay", 0.0)  # in-backward: inner
+        weight_decay = optimizer_keywords(factory).get("weight_decay", 0.0)
         optimizer = factory(param_groups(self.model.parameters(), weight_decay))
         if isinstance(optimizer, StepInBackward):  # under DDP its steps run in DDP's reduce hook
             optimizer.attach(self.trainer.strategy.model)

@@ -75,7 +75,53 @@ def optimizer_for_precision(node: DictConfig, precision: str, strategy: Any) -> 
         chosen = functools.partial(factory.func, *factory.args, bf16_stochastic_round=True, **keywords)
     else:
         chosen = _stochastic_rounding_adamw(factory, keywords)
+    chosen = functools.partial(with_plain_state, factory=chosen) if low_bit else chosen
     return functools.partial(StepInBackward, factory=chosen) if in_backward else chosen
+
+
+def optimizer_keywords(factory: functools.partial) -> dict[str, Any]:
+    """The hyper-parameters of the optimizer a factory builds, under any wrappers (`factory=`)."""
+    while "factory" in factory.keywords:
+        factory = factory.keywords["factory"]
+    return factory.keywords
+
+
+def with_plain_state(params: Any, factory: functools.partial) -> torch.optim.Optimizer:
+    """A torchao low-bit optimizer whose state dict holds plain tensors: its quantized states (tensor
+    subclasses) go into checkpoints as their codes, scales and attributes, and come back as
+    subclasses on load. Lightning loads checkpoints with a `map_location` function, with which torch
+    cannot rebuild a tensor subclass, so otherwise no run with these optimizers could resume."""
+    optimizer = factory(params)
+    optimizer.register_state_dict_post_hook(_flatten_states)
+    optimizer.register_load_state_dict_pre_hook(_unflatten_states)
+    return optimizer
+
+
+def _flatten_states(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if not hasattr(value, "__tensor_flatten__"):
+            return value
+        names, attributes = value.__tensor_flatten__()
+        return {"subclass": type(value).__name__, "attributes": list(attributes),
+                "tensors": {name: getattr(value, name) for name in names}}
+
+    # new dicts: the packed state holds the optimizer's live per-parameter dicts
+    state_dict["state"] = {i: {k: plain(v) for k, v in state.items()} for i, state in state_dict["state"].items()}
+    return state_dict
+
+
+def _unflatten_states(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    import torchao.optim.subclass_4bit as four
+    import torchao.optim.subclass_8bit as eight
+    import torchao.optim.subclass_fp8 as fp8
+
+    classes = {"OptimState8bit": eight.OptimState8bit, "OptimState4bit": four.OptimState4bit,
+               "OptimStateFp8": fp8.OptimStateFp8}
+    for state in state_dict["state"].values():
+        for key, value in state.items():
+            if isinstance(value, dict) and "subclass" in value:
+                state[key] = classes[value["subclass"]].__tensor_unflatten__(value["tensors"], value["attributes"])
+    return state_dict
 
 
 def _stochastic_rounding_adamw(factory: functools.partial, keywords: dict[str, Any]) -> functools.partial:
@@ -84,7 +130,7 @@ def _stochastic_rounding_adamw(factory: functools.partial, keywords: dict[str, A
 
     if factory.func is not torch.optim.AdamW:
         raise ConfigError(f"precision=bf16-true: {factory.func.__name__} would lose every update under half a bf16 "
-                          "ulp and has no stochastic-rounding version; use optimizer=adamw (or adamw8bit, "
+                          "ulp and only AdamW has a stochastic-rounding version; use optimizer=adamw (or adamw8bit, "
                           "adamw4bit), precision=bf16_mixed, or accept the loss with ++optimizer.bf16_compensation=off")
     keywords.pop("fused", None)  # how torch's AdamW runs its step, not a hyper-parameter; torchao's is compiled
     keywords.pop("foreach", None)

@@ -198,8 +198,8 @@ def check_strategy(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy={name} does not support precision=fp16_mixed (FSDP2 has no fp16 loss scaling "
                           "in Lightning); use precision=bf16_mixed (sm80+ GPUs) or a deepspeed_zero* strategy.")
     if family in ("fsdp", "deepspeed") and cfg.finetune.method in ("lora", "qlora"):
-        raise ConfigError(f"finetune={cfg.finetune.method} with strategy={name} is not supported (sharded loading and export handle "
-                          "plain weights only); LoRA's trainable state is small: use strategy=ddp.")
+        raise ConfigError(f"finetune={cfg.finetune.method} with strategy={name} is not supported (sharded loading and "
+                          "export handle plain weights only); LoRA's trainable state is small: use strategy=ddp.")
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy={name} needs DeepSpeed: pip install --no-build-isolation 'fulltune[deepspeed]' "
                           "(after torch), or use strategy=fsdp / ddp.")

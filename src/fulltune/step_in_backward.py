@@ -8,9 +8,10 @@ communication hook, on the all-reduced gradient.
 `StepInBackward` stands for all of them towards Lightning and the LR scheduler. Its `param_groups`
 are the per-parameter optimizers' own group dicts, looked up each time (loading a state dict replaces
 them), so a scheduler stepping it sets the LR every parameter steps with: a wrapper with param groups
-of its own, or holding the groups it saw first, would leave the inner optimizers at an old LR. Its state dict holds every inner optimizer's, so checkpoints and `resume=auto` are
-exact. `skip` (set by `NonFiniteGuard` before backward, from the step's loss) makes a backward step
-nothing and drop its gradients.
+of its own, or holding the groups it saw first, would leave the inner optimizers at an old LR. Its
+state dict holds every inner optimizer's, so checkpoints and `resume=auto` are exact. `skip` (set by
+`NonFiniteGuard` before backward, from the step's loss) makes a backward step nothing and drop its
+gradients.
 """
 
 from __future__ import annotations
