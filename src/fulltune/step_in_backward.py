@@ -28,8 +28,8 @@ from fulltune.preflight import ConfigError
 class _State(MutableMapping):
     """`optimizer.state` across the per-parameter optimizers (Lightning moves state tensors through it)."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self._owner = {p: o for o in optimizers for g in o.param_groups for p in g["params"]}
+    def __init__(self, owner: dict[torch.Tensor, torch.optim.Optimizer]) -> None:
+        self._owner = owner
 
     def __getitem__(self, param: torch.Tensor) -> Any:
         return self._owner[param].state[param]
@@ -61,7 +61,8 @@ class StepInBackward(torch.optim.Optimizer):
         super().__init__([p for group in groups for p in group["params"]], {})
         self.optimizers = [factory([group]) for group in groups]
         self.defaults = self.optimizers[0].defaults
-        self.state = _State(self.optimizers)
+        self._owner = {group["params"][0]: o for group, o in zip(groups, self.optimizers, strict=True)}
+        self.state = _State(self._owner)
         self.skip = False
         self._hooks = [group["params"][0].register_post_accumulate_grad_hook(self._step_hook(o))
                        for group, o in zip(groups, self.optimizers, strict=True)]
@@ -102,7 +103,6 @@ class StepInBackward(torch.optim.Optimizer):
         """All-reduce (mean) one bucket, then step each of its parameters on its reduced gradient."""
         import torch.distributed as dist
 
-        owner = {p: o for o in self.optimizers for p in o.param_groups[0]["params"]}
         buffer = bucket.buffer().div_(dist.get_world_size(group))
         reduced = dist.all_reduce(buffer, group=group, async_op=True).get_future()
 
@@ -110,7 +110,7 @@ class StepInBackward(torch.optim.Optimizer):
             for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
                 if not self.skip:
                     param.grad = grad
-                    owner[param].step()
+                    self._owner[param].step()
                 param.grad = None
             return buffer
 
