@@ -12,6 +12,10 @@
   takes AdamW steps in Lightning's order (forward, zero_grad, backward, step). Planned =
   `build_memory_plan(...)` without its fixed CUDA overhead; measured = peak allocated minus what
   was allocated before the model.
+- the Llama-3-8B 48 GB recipe (conf/experiment/llama3_8b_48gb.yaml: bf16 weights, torchao's 8-bit
+  AdamW with stochastic rounding, the optimizer step inside backward, checkpointing) on the
+  architecture built from config: its peak against the plan (which must stay under 48 GB), tokens/s
+  and MFU; its first steps include torchao's compiling, so the median of the later steps is reported.
 - jobs: the default job as users run it (auto devices and precision: config.yaml must say
   bf16-mixed + TF32 on sm80+), the same in fp32, and the memory gate against `mem_get_info`
   (`model=llama2_70b model.source=config` must stop in seconds with the plan).
@@ -34,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 480  # the whole command, on one H100/H200
-CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len, loss)
+RECIPE_48GB = ("experiment=llama3_8b_48gb",)  # bf16 weights, 8-bit AdamW, the step in backward, checkpointing
+CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len, loss[, recipe overrides])
     ("smollm2_135m", "32-true", False, 4, 1024, "chunked"),
     ("smollm2_135m", "bf16-mixed", False, 4, 1024, "chunked"),
     ("smollm2_135m", "bf16-mixed", False, 4, 1024, "full"),
@@ -43,6 +48,8 @@ CASES = [  # (model, precision, gradient checkpointing, micro-batch, seq_len, lo
     ("qwen2_5_0_5b", "bf16-mixed", True, 4, 2048, "full"),
     ("qwen2_5_0_5b", "bf16-true", True, 8, 2048, "chunked"),
     ("qwen2_5_0_5b", "32-true", False, 2, 2048, "chunked"),
+    # Llama-3-8B full FT planned onto one 48 GB GPU (conf/experiment/llama3_8b_48gb.yaml), its own optimizer
+    ("llama3_8b", "bf16-true", True, 4, 2048, "chunked", RECIPE_48GB),
 ]
 JOBS = {  # the default job as users run it (auto precision), in fp32, and the memory gate
     "default (auto)": [],
@@ -58,18 +65,21 @@ PEERS = ["--model", "qwen2_5_0_5b", "--precision", "bf16", "--max-length", "2048
 QUICK_PEERS = ["--model", "tiny", "--max-length", "256", "--steps", "3", "--repeats", "1", *PEER_TOOLS]
 
 
-def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, loss: str, device: str,
-            steps: int) -> dict:
+def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len: int, loss: str,
+            recipe: tuple[str, ...] = (), device: str = "cuda", steps: int = 6) -> dict:
+    """One case. Without `recipe`: plain torch AdamW steps. With it (an experiment's overrides): the
+    optimizer the run would build (low-bit states, stochastic rounding, the step in backward)."""
     import torch
     from hydra import compose, initialize_config_dir
 
     from fulltune.launch import plan_settings
     from fulltune.memory import build_memory_plan
     from fulltune.module import CausalLMModule
+    from fulltune.optim import optimizer_for_precision, optimizer_keywords, param_groups
     from fulltune.telemetry import model_flops, peak_tflops
 
     torch.manual_seed(0)
-    overrides = [f"model={model}", "model.source=config", f"model.gradient_checkpointing={checkpointing}",
+    overrides = [*recipe, f"model={model}", "model.source=config", f"model.gradient_checkpointing={checkpointing}",
                  f"data.batch_size={batch}", f"data.max_length={seq_len}", "trainer.devices=1",
                  f"model.loss_chunk_tokens={1024 if loss == 'chunked' else 0}"]  # 0: the full-logits loss
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -87,18 +97,27 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     torch.set_default_dtype(default_dtype)
     net = module.model.to(device).train()
     assert next(net.parameters()).dtype == dtype
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    if recipe:
+        factory = optimizer_for_precision(cfg.optimizer, precision, "auto")
+        decay = optimizer_keywords(factory).get("weight_decay", 0.0)
+        optimizer = factory(param_groups(net.parameters(), decay))
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
     ids = torch.randint(0, cfg.model.config.vocab_size, (batch, seq_len), device=device)
     batch_ = {"input_ids": ids, "labels": ids}
+
+    def forward_backward() -> torch.Tensor:  # the step in backward steps inside it
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss_sum = module.token_loss_sum(batch_)[0]
+        loss_sum.backward()
+        return loss_sum
+
     times = []
     for _ in range(steps):
         sync()
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss_sum = module.token_loss_sum(batch_)[0]
         optimizer.zero_grad(set_to_none=True)
-        loss_sum.backward()
-        optimizer.step()
+        optimizer.step(forward_backward)
         sync()
         times.append(time.perf_counter() - start)
     arch, settings = plan_settings(cfg)
@@ -109,7 +128,7 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
     return {
         "model": model, "precision": precision, "checkpointing": checkpointing, "batch": batch, "seq_len": seq_len,
-        "loss": loss,
+        "loss": loss + "".join(f", {o}" for o in recipe),
         "planned_bytes": plan.total - plan.overhead,
         "measured_bytes": torch.cuda.max_memory_allocated() - base if cuda else None,
         "step_s": step_s, "tokens_per_s": tokens_per_s,
@@ -120,7 +139,7 @@ def measure(model: str, precision: str, checkpointing: bool, batch: int, seq_len
 def run_case(case: tuple, device: str, steps: int) -> dict:
     """One case in a fresh interpreter, so its peak is its own; an OOM is a row, not the end."""
     code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import gpu, json; " \
-           f"print(json.dumps(gpu.measure(*{case!r}, {device!r}, {steps})))"
+           f"print(json.dumps(gpu.measure(*{case[:6]!r}, {(case[6] if len(case) > 6 else ())!r}, {device!r}, {steps})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         error = "OOM" if "OutOfMemoryError" in out.stderr else out.stderr.strip().splitlines()[-1]
@@ -231,8 +250,8 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or `--device cpu --quick` to check the script")
-    cases = [("smollm2_135m", "32-true", False, 1, 128, "chunked"), ("smollm2_135m", "32-true", False, 1, 128, "full")
-             ] if args.quick else CASES
+    cases = [("smollm2_135m", "32-true", False, 1, 128, "chunked"), ("smollm2_135m", "32-true", False, 1, 128, "full"),
+             ("tiny", "bf16-true", True, 2, 128, "chunked", RECIPE_48GB)] if args.quick else CASES
     extra = ["model=tiny", "trainer.max_steps=3"] if args.quick else []
     results = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",

@@ -29,7 +29,9 @@ from pathlib import Path
 import lightning as L
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (model, precision, strategy, processes, micro-batch, max_length, LM-head chunk: 0 = full logits)
+# name -> (model, precision, strategy, processes, micro-batch, max_length, LM-head chunk: 0 = full logits,
+# [extra overrides: the memory levers])
+IN_BACKWARD = ("optimizer.step_in_backward=true", "trainer.gradient_clip_val=null")
 CASES = {
     "smollm2-fp32-auto": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024),
     "smollm2-bf16true-auto": ("smollm2_135m", "bf16_true", "auto", 1, 4, 256, 1024),
@@ -42,6 +44,13 @@ CASES = {
     "smollm2-fp32-zero3": ("smollm2_135m", "fp32", "deepspeed_zero3", 2, 4, 256, 1024),
     "smollm2-fp32-auto-fulllogits": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 0),
     "qwen-fp32-auto-fulllogits": ("qwen2_5_0_5b", "fp32", "auto", 1, 1, 1024, 0),
+    "qwen-fp32-auto-inbackward": ("qwen2_5_0_5b", "fp32", "auto", 1, 1, 1024, 1024, IN_BACKWARD),
+    "smollm2-fp32-auto-adamw8bit": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024, ("optimizer=adamw8bit",)),
+    "smollm2-fp32-auto-adamw4bit": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024, ("optimizer=adamw4bit",)),
+    "smollm2-fp32-auto-inbackward": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024, IN_BACKWARD),
+    "smollm2-fp32-auto-8bit-inbackward": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024,
+                                          ("optimizer=adamw8bit", *IN_BACKWARD)),
+    "smollm2-fp32-auto-qlora": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024, ("finetune=qlora",)),
 }
 
 
@@ -87,8 +96,8 @@ class PeakRSS(L.Callback):
 
 
 def overrides(model: str, precision: str, strategy: str, processes: int, batch: int, length: int,
-              chunk: int) -> list[str]:
-    return [
+              chunk: int, levers: tuple[str, ...] = ()) -> list[str]:
+    return [*levers,
         f"model={model}", f"model.loss_chunk_tokens={chunk}", "model.source=config", "model.tokenizer=tiny",
         f"precision={precision}",
         f"strategy={strategy}", f"trainer.devices={processes}", "trainer.accelerator=cpu", "trainer.max_steps=3",

@@ -91,3 +91,27 @@ def test_learning_rate_defaults_follow_the_method(tmp_path, cache_dir):
     lr = {m: compose_config([f"finetune={m}"], tmp_path, cache_dir).optimizer.lr for m in ("full", "lora", "freeze")}
     assert lr["full"] == 2e-5 and lr["lora"] == pytest.approx(10 * lr["full"]) and lr["full"] < lr["freeze"]
     assert compose_config(["finetune=lora", "optimizer.lr=1e-3"], tmp_path, cache_dir).optimizer.lr == 1e-3
+
+
+def test_qlora_trains_adapters_on_an_nf4_base_and_exports_them_merged_into_the_dequantized_base(tiny_cfg, tmp_path):
+    """bitsandbytes' 4-bit layers run on this CPU (bitsandbytes >= 0.49): the real QLoRA path, end to end."""
+    pytest.importorskip("bitsandbytes", reason="finetune=qlora needs bitsandbytes (pip install 'fulltune[qlora]')")
+    cfg = tiny_cfg("finetune=qlora", "finetune.r=4", "finetune.alpha=8", "finetune.lr=1e-2",
+                   "trainer.max_steps=3", "save_steps=3", *NO_EVAL)
+    summary = fit(cfg)
+    adapters = 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
+    assert summary["params_trainable"] == adapters
+    assert summary["params_total"] == count_params(build_model(cfg.model))[0] + adapters  # 4-bit codes: 2 per byte
+
+    module = CausalLMModule(model=cfg.model, optimizer=None, finetune=cfg.finetune)
+    module.configure_model()
+    module.load_state_dict(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])
+    base = module.model.get_base_model().model.layers[0]
+    assert type(base.mlp.up_proj).__name__ == "NF4Linear" and base.mlp.up_proj.weight.dtype == torch.uint8
+    assert base.mlp.up_proj.weight.quant_state.quant_type == "nf4"
+    ids = torch.randint(0, cfg.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not any("lora" in n or "absmax" in n for n in exported.state_dict())
+    with torch.no_grad():
+        adapted = module.model.eval()(input_ids=ids).logits
+        assert torch.allclose(exported(input_ids=ids).logits, adapted, atol=1e-5)

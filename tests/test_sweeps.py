@@ -145,11 +145,13 @@ def test_full_vs_lora_experiment_sweeps_runs_that_compose_and_dry_run(tmp_path, 
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     grid = list(itertools.product(*([f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in parsed)))
 
-    assert len(grid) == 4
+    assert len(grid) == 6
     for overrides in grid:
         cfg = compose_config(["experiment=full_vs_lora", *overrides, "dry_run=true"], tmp_path, cache_dir)
         assert train(cfg) is None
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model=")]
-    full, _, lora, _ = lines  # one parameter line per run, in grid order (the memory plan follows each)
-    assert lines == [full, full, lora, lora] and full.startswith("model=smollm2_135m: ")
-    assert "trainable (100.00%)" in full and "trainable (100.00%)" not in lora
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("model=")]
+    full, _, lora, _, qlora, _ = lines  # one parameter line per run, in grid order (the memory plan follows each)
+    assert lines == [full, full, lora, lora, qlora, qlora] and full.startswith("model=smollm2_135m: ")
+    assert "trainable (100.00%)" in full and "trainable (100.00%)" not in lora and qlora == lora
+    assert "(NF4) in decoder Linears" in out  # the QLoRA rows' plan counts a 4-bit base

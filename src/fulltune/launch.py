@@ -122,6 +122,8 @@ def plan_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "optimizer": optimizer._target_.rsplit(".", 1)[-1].lower(),
         "optimizer_impl": impl,
+        "step_in_backward": bool(optimizer.get("step_in_backward")),
+        "quantize_base": cfg.finetune.method == "qlora",
         "extra_param_copies": {"EWC": 2, "L2SP": 1}.get(cfg.regularizer.get("_target_", "").rsplit(".", 1)[-1], 0),
         "loss_chunk_tokens": cfg.model.loss_chunk_tokens if chunked else 0,
     }

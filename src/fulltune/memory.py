@@ -9,7 +9,7 @@ per-layer byte counts measured on HF Llama's saved tensors. `train.py ... dry_ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,11 +27,14 @@ GPUS: dict[str, float] = {
     "L4": 22.0,
     "A10G": 22.0,
     "RTX-4090": 23.6,
+    "L40S": 44.4,
+    "A6000": 47.5,  # RTX A6000 (Ampere), 48 GB
     "T4": 14.7,
     "V100-32GB": 31.7,
 }
 
 PRE_AMPERE = ("T4", "V100-32GB")  # compute capability < 8.0: no native bf16
+FP8_GPUS = ("H100-80GB", "H200-141GB", "L4", "L40S", "RTX-4090")  # sm89+: float8 (optimizer=adamw_fp8)
 
 # ZeRO stage each strategy reaches: 1 shards optimizer states and the fp32 master, 2 also gradients,
 # 3 also weights (FSDP full shard is ZeRO-3). "_offload" moves every sharded part to CPU RAM.
@@ -49,13 +52,18 @@ SHARD_STAGE = {
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 PRECISION_ALIASES = {"32": "32-true", "fp32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 # optimizer -> (states per trainable param, fixed bytes per state or None to follow the precision)
-OPTIMIZERS: dict[str, tuple[int, int | None]] = {
+OPTIMIZERS: dict[str, tuple[int, float | None]] = {
     "adamw": (2, None),
     "adam": (2, None),
     "sgd": (1, None),  # momentum buffer
     "lion": (1, None),
-    "adamw8bit": (2, 1),  # bitsandbytes blockwise 8-bit m and v
+    "adamw8bit": (2, 1 + 4 / 256),  # torchao: 8-bit codes + one fp32 scale per 256 values, m and v
+    "adamw4bit": (2, 0.5 + 4 / 128),  # torchao: 4-bit codes + one fp32 scale per 128 values
+    "adamwfp8": (2, 1 + 4 / 256),  # torchao: float8 e4m3 + one fp32 scale per 256 values
 }
+LOW_BIT = {"adamw8bit": "8-bit", "adamw4bit": "4-bit", "adamwfp8": "fp8"}
+# What conf/optimizer/<name>.yaml selects each (the plan names optimizers by their class).
+OPTIMIZER_CONFIGS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw4bit": "adamw4bit", "adamwfp8": "adamw_fp8"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-quantised absmax per 64 weights
 CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
@@ -77,6 +85,10 @@ HEAD_HIDDEN_BYTES = {"fp32": 8, "16-bit": 4, "autocast": 8}
 FULL_LOGITS_BYTES = 12  # per logit of the full-logits loss: fp32 log-probs + their grad + the logits' grad
 DEFAULT_LOSS_CHUNK = 1024
 OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")  # torch's AdamW: foreach by default on CUDA, for-loop on CPU
+# torchao's low-bit AdamW steps one parameter at a time (a compiled kernel per shape): both moments
+# dequantized to fp32 (4 + 4 B) for the largest tensor; measured on CPU (fp32 and bf16 weights) at
+# 8.02 B per value of a 32M-value tensor, peak RSS over one step.
+LOW_BIT_STEP_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,7 @@ class MemoryPlan:
     gpu: str | None = None  # what the plan is held against: a catalogue GPU, or a label for `capacity`
     capacity: int | None = None  # usable bytes per device (a catalogue GPU's, or measured free memory)
     device: str = "cuda"  # cpu: the plan is held against RAM, where offloaded shards live too
+    step_in_backward: bool = False
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     LINES = (
@@ -341,6 +354,7 @@ def build_memory_plan(
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK,
     device: str = "cuda",
     optimizer_impl: str | None = None,
+    step_in_backward: bool = False,
 ) -> MemoryPlan:
     """Per-device memory of one setup.
 
@@ -351,6 +365,8 @@ def build_memory_plan(
     `gpu` names a catalogue GPU, or labels `capacity` (usable bytes per device, e.g. measured free memory).
     `device`: "cuda" adds the CUDA context and defaults to torch's foreach optimizer step; "cpu" (a
     plan held against RAM) has neither. `optimizer_impl`: fused | foreach | for-loop, when set explicitly.
+    `step_in_backward`: each parameter is stepped as backward produces its gradient, which is then
+    freed (fulltune.step_in_backward): one parameter's gradient and step at a time.
     """
     arch = describe(model)
     precision = PRECISION_ALIASES.get(str(precision), str(precision))
@@ -366,11 +382,14 @@ def build_memory_plan(
         total, trainable, linear, layer = total + adapters, adapters, linear + adapters, layer + adapters // arch.layers
     if quantize_base and trainable >= total:
         raise ValueError("quantize_base (QLoRA) needs a frozen base: set lora_rank or trainable_params")
-    quantized = arch.layer_linear if quantize_base else 0
+    # NF4 in decoder-layer Linears; a LoRA model counted from peft has its adapters there too (unquantized)
+    quantized = (arch.layer_linear - (0 if lora_rank else trainable)) if quantize_base else 0
     stage, offload, n = SHARD_STAGE[strategy], strategy.endswith("_offload"), world_size
     weight_b, grad_b, master_b, state_b = _param_bytes(precision, strategy)
     n_states, fixed_state_b = OPTIMIZERS[optimizer]
     state_b = fixed_state_b or state_b
+    step_b = LOW_BIT_STEP_BYTES if optimizer in LOW_BIT else state_b
+    impl = "for-loop" if optimizer in LOW_BIT else impl
     mode = activation_mode(precision, strategy)
     p = 4 if mode == "fp32" else 2
     tokens = micro_batch_size * seq_len
@@ -382,7 +401,7 @@ def build_memory_plan(
         return (0, int(nbytes / n)) if offload else (int(nbytes / n), 0)
 
     weights, cpu_w = place(quantized * NF4_BYTES + (total - quantized) * weight_b, 3)
-    gradients, cpu_g = place(trainable * grad_b, 2)
+    gradients, cpu_g = place((min(trainable, arch.largest) if step_in_backward else trainable) * grad_b, 2)
     # ZeRO-2 allocates its gradient partition at the first bucket reduce. A model within one bucket
     # reduces once, at the end of backward, after its activations are freed: the peak holds the
     # gradients in the bucket only (measured on CPU: the partition appears after backward).
@@ -409,7 +428,9 @@ def build_memory_plan(
     logits = head_activation_bytes(arch, mode, tokens, loss_chunk_tokens)
     # ZeRO steps one flat partition: a for-loop step is then as large as a foreach one
     impl = "foreach" if strategy.startswith("deepspeed") and impl == "for-loop" else impl
-    step = optimizer_step_bytes(arch, trainable // (n if stage >= 1 else 1), state_b, impl)
+    step = optimizer_step_bytes(arch, trainable // (n if stage >= 1 else 1), step_b, impl)
+    if step_in_backward:  # one parameter at a time, while backward's activations are still live
+        step = optimizer_step_bytes(arch, min(trainable, arch.largest), step_b, impl)
     return MemoryPlan(
         model=arch.name,
         total_params=total,
@@ -431,6 +452,7 @@ def build_memory_plan(
             state_b,
             frozen=total > trainable,
             quantized=bool(quantized),
+            in_backward=step_in_backward,
         ),
         weights=weights,
         compute_copies=compute,
@@ -441,17 +463,20 @@ def build_memory_plan(
         buffers=buffers,
         activations=activations,
         logits=logits,
-        optimizer_step=0 if offload else max(0, step - activations - logits),  # offload: the step runs on CPU
+        optimizer_step=0 if offload else step if step_in_backward else max(0, step - activations - logits),
         overhead=CUDA_OVERHEAD if device == "cuda" else 0,
         cpu_ram=cpu_w + cpu_g + cpu_m + cpu_s,
         gpu=gpu,
         capacity=capacity if capacity is not None else (gpu_bytes(gpu) if gpu else None),
         device=device,
+        step_in_backward=step_in_backward,
         notes={
             **_notes(arch, mode, strategy, n, gradient_checkpointing, tokens, seq_len, extra_param_copies),
             "logits": f"{min(loss_chunk_tokens, tokens)} label tokens x {arch.vocab} vocab per chunk + hidden states"
             if loss_chunk_tokens > 0 else f"full logits: {tokens} tokens x {arch.vocab} vocab x {FULL_LOGITS_BYTES} B",
-            "optimizer_step": f"{impl}: {step / GiB:.2f} GiB, after activations are freed",
+            "optimizer_step": f"{impl}: {step / GiB:.2f} GiB, "
+            + ("one parameter at a time, in backward" if step_in_backward else "after activations are freed"),
+            **({"gradients": "one parameter's at a time (stepped and freed in backward)"} if step_in_backward else {}),
             **({"gradients": f"1/{n} shard, filled after backward (the bucket holds them until then)"}
                if grads_after_peak else {}),
         },
@@ -490,16 +515,20 @@ def _accounting(
     *,
     frozen: bool,
     quantized: bool,
+    in_backward: bool = False,
 ) -> str:
     """The bytes-per-parameter sum the plan uses, in words."""
     half = "fp16" if precision.startswith("16") else "bf16"
-    dtype = {4: "fp32", 2: half, 1: "8-bit"}
+    dtype = {4: "fp32", 2: half}
     weight_b, grad_b, master_b = param_b
-    parts = [(weight_b, f"{dtype[weight_b]} weights"), (grad_b, f"{dtype[grad_b]} grads")]
+    grads = f"{dtype[grad_b]} grads" + (", one parameter's at a time (step in backward)" if in_backward else "")
+    parts = [(weight_b, f"{dtype[weight_b]} weights"), (0 if in_backward else grad_b, grads)]
     if master_b:
         parts.append((master_b, "fp32 master"))
-    parts.append((n_states * state_b, f"{optimizer} {n_states} state{'s' * (n_states > 1)} {dtype[state_b]}"))
-    text = f"{' + '.join(f'{b} ({what})' for b, what in parts)} = {sum(b for b, _ in parts)} B per trainable param"
+    state = LOW_BIT.get(optimizer) or dtype[state_b]
+    parts.append((n_states * state_b, f"{optimizer} {n_states} state{'s' * (n_states > 1)} {state}"))
+    text = (f"{' + '.join(f'{b:.3g} ({what})' for b, what in parts)} = {sum(b for b, _ in parts):.3g} B per "
+            "trainable param")
     if mode == "autocast":
         text += f"; autocast also keeps a {half} copy of every Linear weight for backward (2 B/param)"
     if frozen:
@@ -531,15 +560,56 @@ def _notes(
     }
 
 
-def suggest_alternatives(model: Any, plan_kwargs: dict[str, Any], gpu: str) -> list[tuple[str, MemoryPlan]]:
+class Alternative(NamedTuple):
+    """A setup the plan offers instead: what it is, its plan, and the overrides that select it."""
+
+    label: str
+    plan: MemoryPlan
+    overrides: tuple[str, ...]
+
+
+# plan setting -> the `python train.py` override that selects it
+def _overrides(change: dict[str, Any]) -> tuple[str, ...]:
+    out = []
+    for key, value in change.items():
+        if key == "gradient_checkpointing":
+            out.append("model.gradient_checkpointing=true")
+        elif key == "micro_batch_size":
+            out.append(f"data.batch_size={value}")
+        elif key == "precision":
+            out.append(f"precision={value.replace('-', '_')}")
+        elif key == "strategy":
+            out.append(f"strategy={value}")
+        elif key == "world_size":
+            per_node = min(value, 8)
+            out += [f"trainer.devices={per_node}"] + ([f"trainer.num_nodes={value // per_node}"] if value > 8 else [])
+        elif key == "optimizer":
+            out.append(f"optimizer={OPTIMIZER_CONFIGS[value]}")
+        elif key == "step_in_backward" and value:  # each parameter stepped alone: no accumulation, no global clipping
+            out += ["optimizer.step_in_backward=true", "trainer.accumulate_grad_batches=1",
+                    "trainer.gradient_clip_val=null"]
+        elif key == "step_in_backward":
+            out.append("optimizer.step_in_backward=false")
+        elif key == "lora_rank":
+            out.append("finetune=qlora" if change.get("quantize_base") else "finetune=lora")
+    return tuple(sorted(out, key=lambda o: not o.startswith(("precision=", "optimizer=", "finetune=", "strategy="))))
+
+
+def suggest_alternatives(model: Any, plan_kwargs: dict[str, Any], gpu: str) -> list[Alternative]:
     """When the requested setup does not fit `gpu`, what would, cheapest change first: the seed
-    notes' decision tree (checkpointing, smaller micro-batch, sharding and offload, more devices,
-    then LoRA / QLoRA). Each option is returned with its plan, fitting or not."""
+    notes' decision tree (checkpointing, smaller micro-batch, pure bf16, low-bit optimizer states and
+    the step in backward on one device, sharding and offload, more devices, then LoRA / QLoRA). Each
+    option comes with its plan, fitting or not, and the overrides that run it; only what fulltune can
+    run on that hardware is offered (no bf16 before Ampere, fp8 states on sm89+, no offload to the RAM
+    a CPU plan is already held against)."""
     arch = describe(model)
     kwargs = {**plan_kwargs, "gpu": gpu}
     if build_memory_plan(arch, **kwargs).fits():
         return []
-    n = kwargs["world_size"]
+    n, strategy = kwargs["world_size"], kwargs["strategy"]
+    precision = PRECISION_ALIASES.get(kwargs["precision"], kwargs["precision"])
+    cpu, bf16 = kwargs.get("device", "cuda") == "cpu", gpu not in PRE_AMPERE
+    full = arch.trainable >= arch.total and kwargs.get("trainable_params") is None and not kwargs.get("lora_rank")
     ckpt = {"gradient_checkpointing": True}
     options: list[tuple[str, dict[str, Any]]] = []
     if not kwargs.get("gradient_checkpointing"):
@@ -548,22 +618,36 @@ def suggest_alternatives(model: Any, plan_kwargs: dict[str, Any], gpu: str) -> l
         options.append(
             ("micro-batch 1 + checkpointing (raise accumulate_grad_batches)", {"micro_batch_size": 1, **ckpt})
         )
-    if PRECISION_ALIASES.get(kwargs["precision"], kwargs["precision"]) not in ("bf16-true", "16-true"):
+    if precision not in ("bf16-true", "16-true") and bf16:
         options.append(
             (
                 "bf16-true + checkpointing (pure bf16: 8 B/param, the seed notes' 60 GB setup)",
                 {"precision": "bf16-true", **ckpt},
             )
         )
-    for strategy in ("fsdp", "fsdp_offload", "deepspeed_zero3_offload"):
-        if strategy != kwargs["strategy"] and (n > 1 or strategy.endswith("_offload")):
-            options.append((f"{strategy} on {n} device{'s' * (n > 1)} + checkpointing", {"strategy": strategy, **ckpt}))
-    more = _devices_needed(arch, {**kwargs, "strategy": "fsdp", **ckpt})
+    in_backward_ok = SHARD_STAGE[strategy] == 0 and precision != "16-mixed" and not kwargs.get("step_in_backward")
+    if SHARD_STAGE[strategy] == 0 and kwargs.get("optimizer", "adamw") == "adamw":
+        pure = {"precision": "bf16-true"} if bf16 else {}
+        low_bit = ["adamw8bit", "adamw4bit"] + (["adamwfp8"] if gpu in FP8_GPUS else [])
+        options.append(("8-bit AdamW states + checkpointing", {"optimizer": "adamw8bit", **ckpt}))
+        if in_backward_ok:
+            options.append(("optimizer step in backward + checkpointing", {"step_in_backward": True, **ckpt}))
+            for optimizer in low_bit:
+                options.append((f"{'bf16-true + ' if pure else ''}{LOW_BIT[optimizer]} AdamW + step in backward + "
+                                "checkpointing", {**pure, "optimizer": optimizer, "step_in_backward": True, **ckpt}))
+    sharded = {**ckpt, **({"step_in_backward": False} if kwargs.get("step_in_backward") else {})}  # refused there
+    for name in ("fsdp", "fsdp_offload", "deepspeed_zero3_offload"):
+        offload = name.endswith("_offload")
+        if name != strategy and (n > 1 or offload) and not (offload and cpu):
+            options.append((f"{name} on {n} device{'s' * (n > 1)} + checkpointing", {"strategy": name, **sharded}))
+    more = _devices_needed(arch, {**kwargs, "strategy": "fsdp", **sharded})
     if more:
-        options.append((f"fsdp on {more} devices + checkpointing", {"strategy": "fsdp", "world_size": more, **ckpt}))
-    options.append(("LoRA r=16 on q/k/v/o + checkpointing", {"lora_rank": 16, **ckpt}))
-    options.append(("QLoRA r=16 (NF4 base) + checkpointing", {"lora_rank": 16, "quantize_base": True, **ckpt}))
-    return [(label, build_memory_plan(arch, **{**kwargs, **change})) for label, change in options]
+        options.append((f"fsdp on {more} devices + checkpointing", {"strategy": "fsdp", "world_size": more, **sharded}))
+    if full:
+        options.append(("LoRA r=16 on q/k/v/o + checkpointing", {"lora_rank": 16, **ckpt}))
+        options.append(("QLoRA r=16 (NF4 base) + checkpointing", {"lora_rank": 16, "quantize_base": True, **ckpt}))
+    return [Alternative(label, build_memory_plan(arch, **{**kwargs, **change}), _overrides(change))
+            for label, change in options]
 
 
 def _devices_needed(arch: Arch, kwargs: dict[str, Any], limit: int = 1024) -> int | None:
@@ -576,13 +660,14 @@ def _devices_needed(arch: Arch, kwargs: dict[str, Any], limit: int = 1024) -> in
     return None
 
 
-def render_plan(plan: MemoryPlan, alternatives: list[tuple[str, MemoryPlan]] | tuple = ()) -> str:
+def render_plan(plan: MemoryPlan, alternatives: list[Alternative] | tuple = ()) -> str:
     """The plan as a plain-text table in GiB per device, the GPU verdict and what would fit instead."""
     ckpt = "on" if plan.gradient_checkpointing else "off"
     out = [
         f"Memory plan: {plan.model}, {plan.total_params:,} params, {plan.trainable_params:,} trainable ({plan.method})",
         f"  {plan.precision} | {plan.strategy} x {plan.world_size} | {plan.optimizer} | micro-batch "
-        f"{plan.micro_batch_size} x seq {plan.seq_len} | gradient checkpointing {ckpt}",
+        f"{plan.micro_batch_size} x seq {plan.seq_len} | gradient checkpointing {ckpt}"
+        + (" | step in backward" if plan.step_in_backward else ""),
         f"  accounting: {plan.accounting}",
         f"  {'':26}{'GiB/device':>11}",
     ]
@@ -599,8 +684,9 @@ def render_plan(plan: MemoryPlan, alternatives: list[tuple[str, MemoryPlan]] | t
         out.append(f"  {plan.gpu} ({plan.capacity / GiB:.1f} GiB usable): {verdict}")
     if alternatives:
         out.append(f"  alternatives (GiB/device{' on ' + plan.gpu if plan.gpu else ''}):")
-        for label, alt in alternatives:
+        for label, alt, overrides in alternatives:
             mark = "fits" if plan.capacity is None or alt.fits() else "no  "
             cpu = f"  (+{alt.cpu_ram / GiB:.1f} GiB CPU RAM/process)" if alt.cpu_ram else ""
             out.append(f"    {mark} {alt.total / GiB:8.2f}  {label}{cpu}")
+            out.append(f"{'':19}{' '.join(overrides)}")
     return "\n".join(out)

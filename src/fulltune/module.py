@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from fulltune.finetune import apply_finetune, decoder_layers
 from fulltune.loss import LabelLossHead, full_logits_loss_sum, install_label_loss_head
 from fulltune.models import build_model, resolve_weights
-from fulltune.optim import param_groups
+from fulltune.optim import optimizer_keywords, param_groups
 from fulltune.regularizers import Regularizer
+from fulltune.step_in_backward import StepInBackward
 from fulltune.strategies import FSDP2Strategy, load_sharded_weights
 
 
@@ -149,8 +150,11 @@ class CausalLMModule(L.LightningModule):
         return min(candidates)
 
     def configure_optimizers(self):
-        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self.model.parameters(), weight_decay))
+        factory = self.optimizer_factory
+        weight_decay = optimizer_keywords(factory).get("weight_decay", 0.0)
+        optimizer = factory(param_groups(self.model.parameters(), weight_decay))
+        if isinstance(optimizer, StepInBackward):  # under DDP its steps run in DDP's reduce hook
+            optimizer.attach(self.trainer.strategy.model)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, self.total_optimizer_steps())

@@ -137,6 +137,8 @@ def preflight(cfg: DictConfig) -> None:
 
     import torch
 
+    from fulltune.step_in_backward import check_step_in_backward
+
     if cfg.eval.get("harness") and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(
             "eval=harness needs lm-eval-harness, which is not installed: `pip install 'fulltune[eval]'`, "
@@ -152,6 +154,7 @@ def preflight(cfg: DictConfig) -> None:
             "model.attn_implementation=sdpa (its block-diagonal mask keeps them apart), or data.batch_size=1 "
             "with a longer data.max_length.")
     check_strategy(cfg)
+    check_step_in_backward(cfg)
     check_devices(cfg.trainer)
     if not cfg.get("dry_run"):
         for key in ("paths.output_dir", "paths.cache_dir"):
@@ -214,9 +217,9 @@ def check_strategy(cfg: DictConfig) -> None:
     if family == "fsdp" and precision == "16-mixed":
         raise ConfigError(f"strategy={name} does not support precision=fp16_mixed (FSDP2 has no fp16 loss scaling "
                           "in Lightning); use precision=bf16_mixed (sm80+ GPUs) or a deepspeed_zero* strategy.")
-    if family in ("fsdp", "deepspeed") and cfg.finetune.method == "lora":
-        raise ConfigError(f"finetune=lora with strategy={name} is not supported (sharded loading and export handle "
-                          "plain weights only); LoRA's trainable state is small: use strategy=ddp.")
+    if family in ("fsdp", "deepspeed") and cfg.finetune.method in ("lora", "qlora"):
+        raise ConfigError(f"finetune={cfg.finetune.method} with strategy={name} is not supported (sharded loading and "
+                          "export handle plain weights only); LoRA's trainable state is small: use strategy=ddp.")
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy={name} needs DeepSpeed: pip install --no-build-isolation 'fulltune[deepspeed]' "
                           "(after torch), or use strategy=fsdp / ddp.")

@@ -48,8 +48,8 @@ class Run:
 def method_label(finetune: Mapping[str, Any]) -> str:
     """How the seed notes name a method: full FT, LoRA (r=64), freeze (top 4 layers)."""
     method = finetune.get("method")
-    if method == "lora":
-        return f"LoRA (r={finetune.get('r')})"
+    if method in ("lora", "qlora"):
+        return f"{'QLoRA' if method == 'qlora' else 'LoRA'} (r={finetune.get('r')})"
     if method == "freeze":
         return f"freeze (top {finetune.get('top_layers')} layers)"
     return "full FT" if method == "full" else str(method)

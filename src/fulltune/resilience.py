@@ -24,6 +24,10 @@ class NonFiniteGuard(L.Callback):
     their moments untouched, while the data position and the LR schedule move on (what an fp16
     loss-scale skip does too). After `max_consecutive` skipped steps in a row the run stops.
 
+    `optimizer.step_in_backward=true` steps each parameter during backward: the decision is made from
+    the loss before backward starts (reduced over ranks), and a skipped step's gradients are dropped
+    as they arrive. A finite loss whose gradient overflows is stepped there (no norm exists before it).
+
     fp16: the loss scaler owns gradient overflows (it skips them and lowers the scale); they are
     logged as `train/loss_scale_skips`, and only a non-finite loss counts here. DeepSpeed keeps its
     gradients in its own partitions and steps inside its engine: a non-finite loss is counted and
@@ -45,6 +49,11 @@ class NonFiniteGuard(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach()).all()  # a tensor: no device sync per micro-batch
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if getattr(optimizer, "in_backward", False):  # the step runs inside this backward: decide now, on every rank
+            if trainer.world_size > 1:
+                self._bad_loss = trainer.strategy.reduce(self._bad_loss.float(), reduce_op="max") > 0
+            optimizer.skip = bool(self._bad_loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         device = trainer.strategy.root_device

@@ -155,7 +155,7 @@ def fit(cfg: DictConfig, plan_bytes: int | None = None, arch: Any = None) -> dic
     # the HF export, weights only, from the live (maybe sharded) model at the end of training; generation
     # stops where training ended completions. LoRA merges in place, so after `fit` counted its adapters.
     exporter = ExportAtTrainEnd(out_dir / "hf", tokenizer, cfg.export_dtype, datamodule.stop_token_ids)
-    lora = cfg.finetune.method == "lora"  # never sharded (check_strategy): its weights stay whole on rank 0
+    lora = cfg.finetune.method in ("lora", "qlora")  # never sharded (check_strategy): its weights stay whole on rank 0
     if cfg.export and not lora:
         callbacks.append(exporter)
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None]
