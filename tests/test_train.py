@@ -43,7 +43,7 @@ def test_tiny_run_learns_and_exports_the_trained_weights(tiny_cfg, tmp_path):
     with torch.no_grad():
         expected = module.model.eval()(input_ids=ids).logits
         assert torch.allclose(exported(input_ids=ids).logits, expected, atol=1e-5)
-    assert exported.generation_config.eos_token_id == [2]  # the data's completion end: <|im_end|>
+    assert exported.generation_config.eos_token_id == 2  # the data's completion end: <|im_end|> (one id: an int)
 
 
 def test_loss_goes_down_on_a_fixed_batch(tiny_cfg):
