@@ -257,13 +257,12 @@ def stop_ids(generation_config: Any, data_stop_ids: list[int] | None = None) -> 
     return sorted({*own, *(data_stop_ids or [])})
 
 
-def attention_for(spec: DictConfig) -> str:
+def attention_for(spec: DictConfig, config: Any) -> str:
     """`model.attn_implementation`, unless it is `sdpa` and the architecture has none (Gemma 2's
     soft-capped attention): then the model's own eager attention, which honours the same masks."""
     from transformers import AutoModelForCausalLM
 
     requested = spec.get("attn_implementation", "sdpa")
-    config = architecture_config(spec)
     model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if requested == "sdpa" and model_class is not None and not model_class._supports_sdpa:
         log.info("model=%s: %s has no sdpa attention; using its eager attention", spec.name, model_class.__name__)
@@ -289,15 +288,16 @@ def build_model(spec: DictConfig, device: str | None = None, dtype: torch.dtype 
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.get_default_dtype()
-    attn = attention_for(spec)
+    config = architecture_config(spec)  # built once: the attention choice and the model's own build
+    attn = attention_for(spec, config)
     if device == "meta":
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(architecture_config(spec), attn_implementation=attn, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     elif spec.source == "config":
         with torch.device(device or "cpu"):
             torch.manual_seed(spec.get("init_seed", 0))
             model = AutoModelForCausalLM.from_config(
-                architecture_config(spec), attn_implementation=attn, dtype=torch.float64
+                config, attn_implementation=attn, dtype=torch.float64
             ).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_weights(spec), dtype=dtype, attn_implementation=attn,
