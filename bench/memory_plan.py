@@ -51,6 +51,11 @@ CASES = {
     "smollm2-fp32-auto-8bit-inbackward": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024,
                                           ("optimizer=adamw8bit", *IN_BACKWARD)),
     "smollm2-fp32-auto-qlora": ("smollm2_135m", "fp32", "auto", 1, 4, 256, 1024, ("finetune=qlora",)),
+    # other families, cut to 2 layers (and the MoE to 16 of its 128 experts, 8 still routed) to fit this CPU
+    # machine's RAM; the vocabularies, widths and per-layer structure are the real models'
+    "gemma2-fp32-auto": ("gemma2_2b", "fp32", "auto", 1, 1, 512, 1024, ("model.config.num_hidden_layers=2",)),
+    "qwen3moe-fp32-auto": ("qwen3_30b_a3b", "fp32", "auto", 1, 1, 1024, 1024,
+                           ("model.config.num_hidden_layers=2", "model.config.num_experts=16")),
 }
 
 

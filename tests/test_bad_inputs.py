@@ -176,6 +176,8 @@ CASES = [
     Case("fp16_on_cpu", "precision=16-mixed (fp16) needs a CUDA GPU", overrides=("precision=fp16_mixed",)),
     Case("more_gpus_than_exist", "trainer.accelerator=gpu but no CUDA GPU is visible",
          overrides=("trainer.accelerator=gpu", "trainer.devices=2")),
+    Case("unknown_gpu", "gpu=H100: not a GPU the memory plan knows. Did you mean gpu=H100-80GB",
+         overrides=("gpu=H100", "dry_run=true")),
     Case("lora_under_fsdp", "finetune=lora with strategy=fsdp is not supported",
          overrides=("finetune=lora", "strategy=fsdp")),
     Case("read_only_output_dir", "is not writable by this user", overrides=("paths.output_dir={work}/readonly/run",),

@@ -12,6 +12,8 @@ from omegaconf import open_dict
 from fulltune.loss import LabelLossHead, full_logits_loss_sum
 from fulltune.module import CausalLMModule
 
+from .families import COMMON, FAMILIES
+
 
 def build(cfg, finetune=None, chunk_tokens: int = 7, tied: bool = True) -> CausalLMModule:
     with open_dict(cfg):
@@ -60,6 +62,25 @@ def test_chunked_loss_equals_full_logits_cross_entropy(tiny_cfg, packed, tied):
     loss, grads = loss_and_grads(module, b, reference=False)
     ref_loss, ref_grads = loss_and_grads(module, b, reference=True)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 9 + 2 + (not tied)
+    assert abs(loss - ref_loss) <= 1e-6 * ref_loss
+    assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) <= 1e-6
+
+
+def test_soft_capped_logits_are_capped_inside_the_chunked_loss(tiny_cfg):
+    """Gemma 2 caps its logits (30 tanh(z / 30)): the chunked head applies the cap per chunk, with its
+    slope in the gradients, and hands the model its cap back for generation."""
+    cfg = tiny_cfg()
+    with open_dict(cfg):
+        cfg.model.config = {**COMMON, **FAMILIES["gemma2"], "final_logit_softcapping": 2.0}  # low: tanh bends
+        cfg.model.loss_chunk_tokens = 7
+    module = CausalLMModule(model=cfg.model, optimizer=None)
+    module.configure_model()
+    assert isinstance(module.model.get_output_embeddings(), LabelLossHead)
+    b = batch(module.spec.config.vocab_size, packed=False)
+    loss, grads = loss_and_grads(module, b, reference=False)
+    ref_loss, ref_grads = loss_and_grads(module, b, reference=True)
+    assert module.model.config.final_logit_softcapping == 2.0 and module(b).abs().max() < 2.0
+    assert grads.keys() == ref_grads.keys()
     assert abs(loss - ref_loss) <= 1e-6 * ref_loss
     assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) <= 1e-6
 

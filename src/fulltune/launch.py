@@ -109,7 +109,7 @@ def plan_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     from fulltune.models import build_model
 
     model = build_model(cfg.model, device="meta")
-    chunked = takes_label_loss_head(model)  # else the full-logits loss (Gemma 2's soft-capping): tokens x vocab
+    chunked = takes_label_loss_head(model)  # else the full-logits loss (Cohere's logit scale): tokens x vocab
     arch = describe(apply_finetune(model, cfg.finetune))
     optimizer = cfg.optimizer
     impl = "fused" if optimizer.get("fused") else "foreach" if optimizer.get("foreach") else None

@@ -156,6 +156,7 @@ def preflight(cfg: DictConfig) -> None:
     check_strategy(cfg)
     check_step_in_backward(cfg)
     check_devices(cfg.trainer)
+    check_gpu(cfg.get("gpu"))
     if not cfg.get("dry_run"):
         for key in ("paths.output_dir", "paths.cache_dir"):
             check_writable(key, OmegaConf.select(cfg, key))
@@ -192,6 +193,20 @@ def check_devices(trainer: DictConfig) -> None:
             f"trainer.devices={devices} but {visible} GPU(s) are visible on this node. Set trainer.devices="
             f"{visible} (or auto: every visible GPU); for more, add nodes with trainer.num_nodes."
         )
+
+
+def check_gpu(name: str | None) -> None:
+    """`gpu=` names a GPU the plan knows: a dry run would otherwise fail on it only after building the model."""
+    from fulltune.memory import GPUS, gpu_bytes
+
+    if name is None:
+        return
+    try:
+        gpu_bytes(str(name))
+    except ValueError:
+        close = difflib.get_close_matches(str(name), list(GPUS), n=2, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(f'gpu={c}' for c in close)}?" if close else ""
+        raise ConfigError(f"gpu={name}: not a GPU the memory plan knows.{hint} Known: {', '.join(GPUS)}.") from None
 
 
 def check_writable(key: str, path: str) -> None:
