@@ -97,9 +97,8 @@ def from_pretrained(tmp_path_factory, cache_dir: Path) -> list[str]:
 
 
 def subprocess_env() -> dict[str, str]:
-    """DeepSpeed JIT-builds its CPU comm op once: keep the build in the repo's (git-ignored) cache."""
+    """This environment, less a job config a test's own in-process run may have left."""
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.pop("FULLTUNE_JOB_CONFIG", None)
     return env
 

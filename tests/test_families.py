@@ -64,11 +64,11 @@ def single_runs(family_dirs, tmp_path_factory, cache_dir) -> dict[str, Path]:
 
 
 # Every family under FSDP2 (the path that builds the model from its config on the meta device and
-# loads shards itself); under ZeRO-3 (transformers' own partitioned loading) the MoE, whose stored
-# tensors transformers converts: one job, since on CPU a multirun's second DeepSpeed job hangs in
-# DeepSpeed's distributed init (docs/strategies.md). DDP loads with `from_pretrained` on every rank,
-# as one process does.
-TWO_PROCESS = {"fsdp": list(FAMILIES), "deepspeed_zero3": ["qwen3_moe"]}
+# loads shards itself); under ZeRO-3 (transformers' own partitioned loading, in one multirun: its
+# second job once hung, then failed on ZeRO-3's process-wide ids) Gemma 2, whose soft-capped head
+# gathers its weight inside the loss, and the MoE, whose stored tensors transformers converts. DDP
+# loads with `from_pretrained` on every rank, as one process does.
+TWO_PROCESS = {"fsdp": list(FAMILIES), "deepspeed_zero3": ["gemma2", "qwen3_moe"]}
 
 
 def multirun(strategy: str, family_dirs, tmp_path_factory, cache_dir) -> dict[str, Path]:

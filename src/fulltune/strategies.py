@@ -264,6 +264,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
         reset_seed()  # Lightning's version also checks CUDA device indices, which CPUs have none of
         self.set_world_ranks()
+        _without_shared_memory_allreduce()
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> tuple:
@@ -295,6 +296,31 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     def teardown(self) -> None:
         super().teardown()
         self._hf_zero3 = None
+        if self.zero_stage_3:
+            _restart_zero3_ids()
+
+
+def _restart_zero3_ids() -> None:
+    """ZeRO-3 numbers modules and parameters from process-wide counters, and its ranks check that
+    their numbers agree. In a Hydra multirun rank 0 runs every job in one process while the other
+    ranks start afresh: without a restart, the second job's first forward fails with "Detected a
+    disagreement on list contents between rank0 and rank1"."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    DeepSpeedZeRoOffload._register_deepspeed_module.__defaults__[0][0] = 0  # its `count=[0]`
+    Init.param_id = 0
+
+
+def _without_shared_memory_allreduce() -> None:
+    """CPU DeepSpeed reduces over gloo alone. Its shared-memory allreduce (a CPU-only speed-up,
+    JIT-compiled on first use) keeps its state in a C++ static set once per process: in a Hydra
+    multirun, rank 0 (the process that runs every job) would keep the first job's shared memory
+    while the next job's fresh ranks open their own, and each side would wait for the other forever.
+    Every rank runs this, so they agree."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def optimizer_for(strategy: Any, factory: functools.partial) -> functools.partial:

@@ -72,7 +72,11 @@ def job_scope(job_config: Path) -> Iterator[None]:
         yield
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            deepspeed_comm = sys.modules.get("deepspeed.comm")
+            if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+                deepspeed_comm.destroy_process_group()  # also drops the process groups DeepSpeed caches
+            else:
+                torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
 
