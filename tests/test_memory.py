@@ -282,11 +282,11 @@ def _rss_child(checkpointing: bool) -> None:
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads peak RSS from Linux /proc")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_plan_matches_measured_cpu_peak(checkpointing):
-    """Plan (without the CUDA overhead) within 20% of the measured peak RSS growth; RSS also holds ~20 MiB
+    """Plan (without the process overhead) within 20% of the measured peak RSS growth; RSS also holds ~20 MiB
     of allocator and library workspace the plan does not model. Numbers: docs/memory.md."""
     measured = measure_peak_rss(checkpointing)
     plan = build_memory_plan(LlamaConfig(**TINY), gradient_checkpointing=checkpointing, device="cpu", **MEASURED)
-    planned = plan.total
+    planned = plan.total - plan.overhead  # growth: the process was there before
     assert planned == pytest.approx(measured, rel=0.2)
 
 

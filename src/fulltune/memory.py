@@ -67,6 +67,9 @@ OPTIMIZER_CONFIGS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw4bit": "a
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # QLoRA: 4-bit codes + double-quantised absmax per 64 weights
 CUDA_OVERHEAD = GiB  # CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers; fragmentation not included
+# On CPU the plan is held against RAM, where the process itself lives: Python, torch, transformers, Lightning
+# and the tokenized data before the model is built (measured 0.47 GiB, bench/memory_plan.py, Qwen2.5-0.5B case).
+CPU_PROCESS_OVERHEAD = GiB // 2
 # DeepSpeed's reduce_bucket_size in elements (fulltune passes its own ZeRO config, so DeepSpeed's defaults
 # hold, not Lightning's 2e8): one contiguous-gradients buffer at every stage (ZeRO-1/2 would double it with
 # overlap_comm, off by default there). `torch.empty`: a GPU holds it all, CPU RSS only the pages written:
@@ -464,7 +467,7 @@ def build_memory_plan(
         activations=activations,
         logits=logits,
         optimizer_step=0 if offload else step if step_in_backward else max(0, step - activations - logits),
-        overhead=CUDA_OVERHEAD if device == "cuda" else 0,
+        overhead=CUDA_OVERHEAD if device == "cuda" else CPU_PROCESS_OVERHEAD,
         cpu_ram=cpu_w + cpu_g + cpu_m + cpu_s,
         gpu=gpu,
         capacity=capacity if capacity is not None else (gpu_bytes(gpu) if gpu else None),
@@ -672,6 +675,7 @@ def render_plan(plan: MemoryPlan, alternatives: list[Alternative] | tuple = ()) 
         f"  {'':26}{'GiB/device':>11}",
     ]
     for name, label in plan.LINES:
+        label = "the process before the model" if name == "overhead" and plan.device == "cpu" else label
         value = getattr(plan, name)
         if value or name in ("weights", "gradients", "optimizer_states", "activations"):
             out.append(f"  {label:26}{value / GiB:11.2f}  {plan.notes.get(name, '')}".rstrip())
