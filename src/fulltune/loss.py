@@ -34,15 +34,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross-entropy(softcap(h W^T + b), targets), with both gradients computed chunk by chunk in
     forward (as Liger's fused linear cross-entropy does): backward only scales them, so neither
     logits nor softmax are kept, and the head costs the three matmuls of a plain forward + backward.
-    At most two chunk x vocab fp32 blocks exist at once, as in `logsumexp` alone."""
+
+    Memory: at most two chunk x vocab fp32 blocks at once (as `logsumexp` alone takes); the weight's
+    gradient is accumulated in place (`addmm_`; under autocast a 16-bit product is added) and scaled
+    in place in backward, then handed over, so no second vocab x hidden copy exists (Gemma 2's
+    256k x 2304 head: 2.4 GB per fp32 copy). `grads=False` (called under `torch.no_grad`: evaluation) computes the loss alone:
+    inside `forward` grad mode is always off and `needs_input_grad` still says yes for a Parameter,
+    so the caller says it, else every evaluation batch would build the weight's gradient too."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, softcap: float | None):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, softcap: float | None, grads: bool = True):
+        need_h, need_w, need_b = (need and grads for need in ctx.needs_input_grad[:3])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # the head's gradient, in its own dtype
         grad_b = torch.zeros_like(bias) if need_b else None
+        autocast = torch.is_autocast_enabled(hidden.device.type)
         for start in range(0, hidden.size(0), chunk_tokens):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
             logits = F.linear(h, weight, bias).float()
@@ -60,18 +67,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del slope
             if need_h:
                 grad_h[start : start + chunk_tokens] = dlogits.to(weight.dtype) @ weight
-            if need_w:
+            if need_w and autocast:  # the GEMM in autocast's 16-bit dtype (an in-place one would run in fp32)
                 grad_w += dlogits.T.to(h.dtype) @ h
+            elif need_w:
+                grad_w.addmm_(dlogits.T.to(h.dtype), h)
             if need_b:
                 grad_b += dlogits.sum(0).to(bias.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.grads = (grad_h, grad_w, grad_b)  # not saved tensors: backward takes them over (once)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return *scaled, None, None, None
+        grads, ctx.grads = ctx.grads, None
+        return *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None, None, None, None
 
 
 class LabelLossHead(nn.Module):
@@ -108,7 +116,8 @@ class LabelLossHead(nn.Module):
         targets = self._labels[:, 1:]
         keep = targets != IGNORE_INDEX  # position t predicts token t + 1
         return _ChunkedLinearCrossEntropy.apply(
-            hidden[:, :-1][keep], self.weight, self.bias, targets[keep], self.chunk_tokens, self._softcap
+            hidden[:, :-1][keep], self.weight, self.bias, targets[keep], self.chunk_tokens, self._softcap,
+            torch.is_grad_enabled(),
         )
 
 
