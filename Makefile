@@ -19,7 +19,7 @@ train: .venv/.ready
 	$(PY) train.py $(ARGS)
 
 test: .venv/.ready
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=25 $(ARGS)   # the slowest tests, to keep the suite in its time budget
 
 lint: .venv/.ready
 	.venv/bin/ruff check src tests bench train.py

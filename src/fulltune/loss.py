@@ -36,11 +36,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits nor softmax are kept, and the head costs the three matmuls of a plain forward + backward.
 
     Memory: at most two chunk x vocab fp32 blocks at once (as `logsumexp` alone takes); the weight's
-    gradient is accumulated in place (`addmm_`; under autocast a 16-bit product is added) and scaled
-    in place in backward, then handed over, so no second vocab x hidden copy exists (Gemma 2's
-    256k x 2304 head: 2.4 GB per fp32 copy). `grads=False` (called under `torch.no_grad`: evaluation) computes the loss alone:
-    inside `forward` grad mode is always off and `needs_input_grad` still says yes for a Parameter,
-    so the caller says it, else every evaluation batch would build the weight's gradient too."""
+    gradient is accumulated in place (`addmm` into itself; under autocast a 16-bit product is added)
+    and scaled in place in backward, then handed over, so no second vocab x hidden copy exists
+    (Gemma 2's 256k x 2304 head: 2.4 GB per fp32 copy). `grads=False` (called under `torch.no_grad`:
+    evaluation) computes the loss alone: inside `forward` grad mode is always off and
+    `needs_input_grad` still says yes for a Parameter, so the caller says it, else every evaluation
+    batch would build the weight's gradient too."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, softcap: float | None, grads: bool = True):
@@ -70,7 +71,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_w and autocast:  # the GEMM in autocast's 16-bit dtype (an in-place one would run in fp32)
                 grad_w += dlogits.T.to(h.dtype) @ h
             elif need_w:
-                grad_w.addmm_(dlogits.T.to(h.dtype), h)
+                torch.addmm(grad_w, dlogits.T.to(h.dtype), h, out=grad_w)  # = addmm_, which FLOP counters miss
             if need_b:
                 grad_b += dlogits.sum(0).to(bias.dtype)
         ctx.grads = (grad_h, grad_w, grad_b)  # not saved tensors: backward takes them over (once)
