@@ -138,20 +138,18 @@ def test_deepspeed_gradients_at_the_peak_follow_when_deepspeed_writes_them():
     assert (beyond.gradients, beyond.buffers) == (4 * 1_000_000_000, 4 * 500_000_000)
 
 
-def test_a_tied_embedding_s_two_gradients_meet_after_the_activations():
-    """Gemma-2-like: a 256k x 2304 tied embedding in 2 layers. Its dense embedding gradient and the
-    head's are both alive at the end of backward (measured on CPU), when the activations are gone."""
+def test_the_head_s_gradient_is_computed_in_forward_beside_last_step_s_gradients():
+    """Gemma-2-like: a 256k x 2304 head in 2 layers. The chunked loss computes its gradient in
+    forward, while Lightning still holds the previous step's gradients (measured on CPU)."""
     config = LlamaConfig(**{**TINY, "hidden_size": 2304, "num_hidden_layers": 2, "num_attention_heads": 8,
                             "vocab_size": 256000, "tie_word_embeddings": True})
-    settings = dict(precision="32-true", strategy="auto", world_size=1, micro_batch_size=1, seq_len=512, device="cpu",
-                    optimizer_impl="fused")
-    tied = build_memory_plan(config, **settings)
-    untied = build_memory_plan(dataclasses.replace(describe(config), tied_trainable=False), **settings)
-    second_grad = 256000 * 2304 * 4
-    assert describe(config).tied_trainable and untied.tied_gradient == 0
-    assert tied.tied_gradient == second_grad - tied.activations - tied.logits - tied.optimizer_step > 0
-    assert build_memory_plan(config, **{**settings, "strategy": "fsdp", "world_size": 2}).tied_gradient == 0
-    assert build_memory_plan(config, **settings, lora_rank=8).tied_gradient == 0
+    settings = dict(precision="32-true", strategy="auto", world_size=1, micro_batch_size=1, seq_len=512, device="cpu")
+    assert build_memory_plan(config, **settings).head_gradient == 256000 * 2304 * 4
+    frozen_head = dataclasses.replace(describe(config), head_trainable=False)
+    assert build_memory_plan(frozen_head, **settings).head_gradient == 0
+    assert build_memory_plan(config, **{**settings, "loss_chunk_tokens": 0}).head_gradient == 0  # logits instead
+    assert build_memory_plan(config, **{**settings, "strategy": "fsdp", "world_size": 2}).head_gradient == 0
+    assert build_memory_plan(config, **settings, lora_rank=8).head_gradient == 0
 
 
 def test_offload_moves_sharded_states_to_cpu(llama2_7b):
