@@ -114,6 +114,8 @@ class Arch:
     intermediate: int
     vocab: int
     eager: bool  # eager attention materialises the softmax (a·s² per layer); SDPA/flash does not
+    largest_mid_backward: int = 0  # the largest whose gradient completes while activations are live (a layer's,
+    # an untied head's); the input embedding's completes last, after them (0: take `largest`)
     head_trainable: bool = True  # the output layer's weight is trained: the chunked loss computes its gradient
 
 
@@ -241,6 +243,7 @@ def describe(model: Any) -> Arch:
         layer_linear=sum(_linear_params(b) for b in blocks) + round(experts * active),  # FLOPs: the active experts
         layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
         largest=max(p.numel() for p in module.parameters()),
+        largest_mid_backward=_largest_mid_backward(module, blocks),
         lora_width=_lora_width(module, LORA_TARGETS),
         layers=len(blocks),
         hidden=cfg.hidden_size,
@@ -252,6 +255,12 @@ def describe(model: Any) -> Arch:
         eager=getattr(cfg, "_attn_implementation", "sdpa") == "eager",
         head_trainable=_head_trainable(module),
     )
+
+
+def _largest_mid_backward(module: nn.Module, blocks: list[nn.Module]) -> int:
+    head, embedding = module.get_output_embeddings(), module.get_input_embeddings()
+    untied_head = head.weight.numel() if head is not None and head.weight is not embedding.weight else 0
+    return max(untied_head, *(p.numel() for b in blocks for p in b.parameters()))
 
 
 def _head_trainable(module: nn.Module) -> bool:
@@ -413,7 +422,8 @@ def build_memory_plan(
         return (0, int(nbytes / n)) if offload else (int(nbytes / n), 0)
 
     weights, cpu_w = place(quantized * NF4_BYTES + (total - quantized) * weight_b, 3)
-    gradients, cpu_g = place((min(trainable, arch.largest) if step_in_backward else trainable) * grad_b, 2)
+    mid_backward = min(trainable, arch.largest_mid_backward or arch.largest)  # in backward: stepped beside activations
+    gradients, cpu_g = place((mid_backward if step_in_backward else trainable) * grad_b, 2)
     # ZeRO-2 allocates its gradient partition at the first bucket reduce. A model within one bucket
     # reduces once, at the end of backward, after its activations are freed: the peak holds the
     # gradients in the bucket only (measured on CPU: the partition appears after backward).
@@ -441,8 +451,12 @@ def build_memory_plan(
     # ZeRO steps one flat partition: a for-loop step is then as large as a foreach one
     impl = "foreach" if strategy.startswith("deepspeed") and impl == "for-loop" else impl
     step = optimizer_step_bytes(arch, trainable // (n if stage >= 1 else 1), step_b, impl)
-    if step_in_backward:  # one parameter at a time, while backward's activations are still live
-        step = optimizer_step_bytes(arch, min(trainable, arch.largest), step_b, impl)
+    if step_in_backward:  # one parameter at a time, while backward's activations are still live; the
+        # input embedding's (the largest, often) last, once they are freed
+        step = optimizer_step_bytes(arch, mid_backward, step_b, impl)
+        last = min(trainable, arch.largest) * grad_b + optimizer_step_bytes(arch, min(trainable, arch.largest),
+                                                                            step_b, impl)
+        step += max(0, last - activations - logits - step - mid_backward * grad_b)
     step_line = 0 if offload else step if step_in_backward else max(0, step - activations - logits)
     # The chunked loss computes the head weight's gradient in forward, while the previous step's gradients
     # are still held (Lightning zeroes them after forward, before backward). Measured on CPU: +2.2 GiB with
