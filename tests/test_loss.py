@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import open_dict
+from torch.utils.flop_counter import FlopCounterMode
 
 from fulltune.loss import LabelLossHead, full_logits_loss_sum
 from fulltune.module import CausalLMModule
@@ -90,6 +91,11 @@ def test_no_labels_means_plain_logits_and_no_grad_means_no_gradient_buffers(tiny
     b = batch(module.spec.config.vocab_size, packed=False)
     logits = module(b)
     assert logits.shape == (3, 24, module.spec.config.vocab_size)  # generation and export see a Linear
-    with torch.no_grad():
-        loss, _ = module.token_loss_sum(b)
+    counts = {}
+    for grad in (True, False):  # evaluation runs under no_grad: the head's gradients are not computed
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as flops:
+            loss, n_labels = module.token_loss_sum(b)
+        counts[grad] = flops.get_total_flops()
     assert loss.item() == pytest.approx(full_logits_loss_sum(logits, b["labels"]).item(), rel=1e-6)
+    head = module.model.get_output_embeddings()
+    assert counts[True] - counts[False] == 2 * 2 * n_labels.item() * head.in_features * head.out_features

@@ -28,11 +28,14 @@ IGNORE_INDEX = -100
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross-entropy(h W^T + b, targets), with both gradients computed chunk by chunk in forward
     (as Liger's fused linear cross-entropy does): backward only scales them, so neither logits
-    nor softmax are kept, and the head costs the three matmuls of a plain forward + backward."""
+    nor softmax are kept, and the head costs the three matmuls of a plain forward + backward.
+    `grads=False` (called under `torch.no_grad`: evaluation) computes the loss alone: inside
+    `forward` grad mode is always off and `needs_input_grad` still says yes for a Parameter, so
+    the caller says it, else every evaluation batch would build the weight's gradient too."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, grads: bool = True):
+        need_h, need_w, need_b = (need and grads for need in ctx.needs_input_grad[:3])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # the head's gradient, in its own dtype
@@ -59,7 +62,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return *scaled, None, None
+        return *scaled, None, None, None
 
 
 class LabelLossHead(nn.Module):
@@ -88,7 +91,7 @@ class LabelLossHead(nn.Module):
         targets = self._labels[:, 1:]
         keep = targets != IGNORE_INDEX  # position t predicts token t + 1
         return _ChunkedLinearCrossEntropy.apply(
-            hidden[:, :-1][keep], self.weight, self.bias, targets[keep], self.chunk_tokens
+            hidden[:, :-1][keep], self.weight, self.bias, targets[keep], self.chunk_tokens, torch.is_grad_enabled()
         )
 
 
