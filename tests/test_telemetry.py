@@ -108,6 +108,7 @@ def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_pa
 def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
     """What `quiet_libraries` drops by logger or message comes back with debug=true."""
     import logging
+    import warnings
 
     import transformers
 
@@ -130,13 +131,30 @@ def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
                 logger.removeHandler(handler)
         return [r.getMessage() for r in caplog.records]
 
+    # Python warnings, raised where the libraries raise them (optimizer=adamw8bit: torch's AOT autograd cache on
+    # torchao's states, Lightning's lr_monitor on torchao's tensor LR), and one about the run
+    raised = [("OptimState8bit does not implement _stable_hash_for_caching. For PT2-compatible tensor subclasses...",
+               "torch._functorch._aot_autograd.autograd_cache"),
+              ("To copy construct from a tensor, it is recommended to use sourceTensor.detach().clone()...",
+               "lightning.pytorch.callbacks.lr_monitor"),
+              ("a Lightning warning about the run", "lightning.pytorch.trainer.trainer")]
+
+    def warned(debug: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            quiet_libraries(debug=debug)
+            for message, module in raised:
+                warnings.warn_explicit(message, UserWarning, module.replace(".", "/") + ".py", 1, module=module)
+        return [str(w.message) for w in caught]
+
     with caplog.at_level(logging.INFO):
         try:
             quiet_libraries()
             assert shown() == ["a DeepSpeed warning about the run"]
             assert not transformers.utils.logging.is_progress_bar_enabled()
+            assert warned(debug=False) == ["a Lightning warning about the run"]
             quiet_libraries(debug=True)
             assert shown() == [message for _, _, message in lines]
             assert transformers.utils.logging.is_progress_bar_enabled()
+            assert warned(debug=True) == [message for message, _ in raised]
         finally:
             quiet_libraries()
