@@ -90,6 +90,17 @@ def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_
     assert {int(r["step"]) for r in logged if r.get("perf/tokens_per_s")} == {2, 4, 6, 8}
 
 
+def test_the_checkpoint_written_when_training_ends_is_checkpoint_time(tiny_cfg, tmp_path):
+    """With no save during training, ModelCheckpoint writes last.ckpt in `on_train_end`, after the step
+    totals: its seconds are the checkpoint's, not the evaluation's."""
+    cfg = tiny_cfg("trainer.max_steps=2", "eval.forgetting=null", "eval.task=null", "export=false")
+    cfg.paths.output_dir = str(tmp_path / "run")
+    parts = fit(cfg)["time_s"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert parts["checkpoint"] > 0
+    assert parts["setup"] + parts["train"] + parts["evaluation"] + parts["checkpoint"] <= parts["wall"] + 0.05
+
+
 def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_path, cache_dir):
     out = run_command([sys.executable, *train_command(tmp_path / "run", cache_dir, [
         "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
