@@ -28,7 +28,9 @@ def test_headline_command_has_no_demo_cap_and_resolves_devices_and_precision(tmp
 
 def test_the_bare_command_is_still_the_demo_job(tmp_path, cache_dir):
     demo = compose_config([], tmp_path, cache_dir)
-    assert (demo.trainer.max_steps, demo.eval.task.num_examples) == (30, 32)
+    assert (demo.trainer.max_steps, demo.eval.task.num_examples) == (10, 32)
+    assert demo.optimizer.lr == 1e-4  # 5x the method's own LR: LoRA's is 5x its 2e-4
+    assert compose_config(["finetune=lora"], tmp_path, cache_dir).optimizer.lr == pytest.approx(1e-3)
     for other in (["model=tiny"], ["data=alpaca"], ["experiment=llama2_7b_full"]):
         assert compose_config(other, tmp_path, cache_dir).trainer.max_steps == -1, other
 

@@ -90,6 +90,17 @@ def test_accounting_of_a_resumed_run_equals_the_uninterrupted_one(tiny_cfg, tmp_
     assert {int(r["step"]) for r in logged if r.get("perf/tokens_per_s")} == {2, 4, 6, 8}
 
 
+def test_the_checkpoint_written_when_training_ends_is_checkpoint_time(tiny_cfg, tmp_path):
+    """With no save during training, ModelCheckpoint writes last.ckpt in `on_train_end`, after the step
+    totals: its seconds are the checkpoint's, not the evaluation's."""
+    cfg = tiny_cfg("trainer.max_steps=2", "eval.forgetting=null", "eval.task=null", "export=false")
+    cfg.paths.output_dir = str(tmp_path / "run")
+    parts = fit(cfg)["time_s"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert parts["checkpoint"] > 0
+    assert parts["setup"] + parts["train"] + parts["evaluation"] + parts["checkpoint"] <= parts["wall"] + 0.05
+
+
 def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_path, cache_dir):
     out = run_command([sys.executable, *train_command(tmp_path / "run", cache_dir, [
         "model=tiny", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.val_check_interval=4",
@@ -108,6 +119,7 @@ def test_console_prints_each_event_once_with_a_header_and_a_closing_table(tmp_pa
 def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
     """What `quiet_libraries` drops by logger or message comes back with debug=true."""
     import logging
+    import warnings
 
     import transformers
 
@@ -130,13 +142,30 @@ def test_library_lines_are_dropped_by_source_and_shown_with_debug(caplog):
                 logger.removeHandler(handler)
         return [r.getMessage() for r in caplog.records]
 
+    # Python warnings, raised where the libraries raise them (optimizer=adamw8bit: torch's AOT autograd cache on
+    # torchao's states, Lightning's lr_monitor on torchao's tensor LR), and one about the run
+    raised = [("OptimState8bit does not implement _stable_hash_for_caching. For PT2-compatible tensor subclasses...",
+               "torch._functorch._aot_autograd.autograd_cache"),
+              ("To copy construct from a tensor, it is recommended to use sourceTensor.detach().clone()...",
+               "lightning.pytorch.callbacks.lr_monitor"),
+              ("a Lightning warning about the run", "lightning.pytorch.trainer.trainer")]
+
+    def warned(debug: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            quiet_libraries(debug=debug)
+            for message, module in raised:
+                warnings.warn_explicit(message, UserWarning, module.replace(".", "/") + ".py", 1, module=module)
+        return [str(w.message) for w in caught]
+
     with caplog.at_level(logging.INFO):
         try:
             quiet_libraries()
             assert shown() == ["a DeepSpeed warning about the run"]
             assert not transformers.utils.logging.is_progress_bar_enabled()
+            assert warned(debug=False) == ["a Lightning warning about the run"]
             quiet_libraries(debug=True)
             assert shown() == [message for _, _, message in lines]
             assert transformers.utils.logging.is_progress_bar_enabled()
+            assert warned(debug=True) == [message for message, _ in raised]
         finally:
             quiet_libraries()

@@ -18,3 +18,5 @@ OmegaConf.register_new_resolver(
     "weights_name", lambda pretrained: PurePosixPath(str(pretrained).rstrip("/")).name if pretrained else "hf",
     replace=True,
 )
+# `optimizer.lr: ${scaled:${finetune.lr},5}`: a multiple of the method's own LR (the demo job trains at 5x it).
+OmegaConf.register_new_resolver("scaled", lambda value, factor: float(value) * float(factor), replace=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +37,6 @@ def quiet_libraries(debug: bool = False) -> None:
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, DropMessages) for f in rank_zero.filters):
         rank_zero.addFilter(DropMessages(NOISE))
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module="torchdata")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module="lightning")
 
 
 def _progress_bars(show: bool) -> None:

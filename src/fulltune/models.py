@@ -85,12 +85,15 @@ def weights_config_file(spec: DictConfig, download: bool = True) -> Path | None:
         return weights_dir / "config.json"
     candidates.append(_cache_dir(spec) / "models" / spec.name / "config.json")
     if pretrained and not _is_path(pretrained):
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
         cached = try_to_load_from_cache(pretrained, "config.json")
         candidates.append(Path(cached) if isinstance(cached, str) else None)
         if download and os.environ.get("HF_HUB_OFFLINE") != "1" and not any(c and c.is_file() for c in candidates):
             try:
+                # one request without retries first: hf_hub_download retries a network error for ~23 s
+                # (1+2+4+8+8 s), all of it wasted on a machine with no route to the hub
+                get_hf_file_metadata(hf_hub_url(pretrained, "config.json"))
                 candidates.append(Path(hf_hub_download(pretrained, "config.json")))
             except Exception as err:  # offline, gated or unknown: the catalog's config stands in
                 log.info("could not fetch config.json of %s (%s)", pretrained, type(err).__name__)

@@ -220,7 +220,10 @@ class Telemetry(L.Callback):
         (its totals were summed over ranks then) and after the export, on any rank."""
         t, marks, now = self._final, self.marks, time.perf_counter()
         start = marks.get("train_start", self.started)
-        evaluation = t["evaluation_s"] + marks.get("first_batch", start) - start + now - marks["train_end"] - export_s
+        # the checkpoint ModelCheckpoint writes when training ends (`save_last`) comes after the totals
+        final_save = self.before.get("checkpoint_s", 0.0) + self.clock.seconds["checkpoint"] - t["checkpoint_s"]
+        evaluation = (t["evaluation_s"] + marks.get("first_batch", start) - start + now - marks["train_end"]
+                      - export_s - final_save)
         train_s = max(t["data_s"] + t["step_s"], 1e-9)
         per_device = train_s * world_size
         return {
@@ -240,7 +243,7 @@ class Telemetry(L.Callback):
                 "setup": round(start - self.started, 2),
                 "train": round(train_s, 2),
                 "evaluation": round(max(evaluation, 0.0), 2),
-                "checkpoint": round(t["checkpoint_s"], 2),
+                "checkpoint": round(t["checkpoint_s"] + final_save, 2),
                 "export": round(export_s, 2),
                 # every segment's fit: the earlier ones up to their last checkpoint, this one whole
                 "wall": round(t["wall_s"] + now - marks["train_end"], 2),
