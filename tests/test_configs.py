@@ -53,7 +53,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path, cache_dir):
         resolve_hardware(cfg)  # `auto` becomes a concrete choice
         assert cfg.precision.value in {"32-true", "bf16-mixed", "16-mixed", "bf16-true"}
     elif group in ("logger", "callbacks"):
-        assert all(instantiate(node) is not None for node in cfg[group].values())
+        assert all(instantiate(node) is not None for node in cfg[group].values() if node is not None)  # null: off
     elif group in ("strategy", "eval", "trainer"):
         assert instantiate(cfg[group]) is not None
 
