@@ -46,7 +46,7 @@ def test_every_data_config_builds_batches_of_the_contract(tok, cache_dir, tmp_pa
 
 
 def test_demo_config_mixes_replay_and_validates_it_separately(tok, cache_dir, tmp_path):
-    cfg = compose_config(["data=demo"], tmp_path, cache_dir)
+    cfg = compose_config(["data=demo", "~experiment"], tmp_path, cache_dir)  # data/demo.yaml as is
     dm = instantiate(cfg.data, tokenizer=tok, seed=cfg.seed)
     dm.setup()
     stats = dm.stats
@@ -113,7 +113,7 @@ def test_generation_examples_are_the_trained_prompts_with_their_answers(tok, tmp
 
 
 def test_inspect_prints_the_plan_and_the_loss_mask(tok, cache_dir, tmp_path):
-    cfg = compose_config(["data=demo"], tmp_path, cache_dir)
+    cfg = compose_config(["data=demo", "~experiment"], tmp_path, cache_dir)  # data/demo.yaml as is
     text = describe(instantiate(cfg.data, tokenizer=tok, seed=cfg.seed))
     assert "dates" in text and "prose" in text and "replay 10.0% of samples" in text
     assert "### Response:\n[[" in text and "<|im_end|>]]" in text

@@ -88,7 +88,8 @@ def test_freeze_rejects_names_and_depths_the_model_does_not_have(tiny_cfg):
 
 def test_learning_rate_defaults_follow_the_method(tmp_path, cache_dir):
     """Method-aware defaults make a comparison fair out of the box; an explicit optimizer.lr wins."""
-    lr = {m: compose_config([f"finetune={m}"], tmp_path, cache_dir).optimizer.lr for m in ("full", "lora", "freeze")}
+    lr = {m: compose_config([f"finetune={m}", "~experiment"], tmp_path, cache_dir).optimizer.lr  # the demo: 5x
+          for m in ("full", "lora", "freeze")}
     assert lr["full"] == 2e-5 and lr["lora"] == pytest.approx(10 * lr["full"]) and lr["full"] < lr["freeze"]
     assert compose_config(["finetune=lora", "optimizer.lr=1e-3"], tmp_path, cache_dir).optimizer.lr == 1e-3
 
