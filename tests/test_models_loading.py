@@ -134,3 +134,14 @@ def test_each_fsdp2_rank_reads_exactly_its_own_rows(world, tmp_path, monkeypatch
                 chunks = full[name].chunk(world)
                 want = chunks[rank] if rank < len(chunks) else full[name][:0]
                 assert torch.equal(param.to_local(), want.to(torch.bfloat16)), (rank, name)
+
+
+def test_a_float32_rounded_setting_and_metadata_are_not_architecture_differences():
+    """A GGUF-converted config.json writes 1e-5 as float32 (9.99999975e-06) and adds metadata: the run
+    must not warn that the architecture changed (the default job did), but a real change is named."""
+    from fulltune.models import architecture_diff
+
+    yaml = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "rms_norm_eps": 1e-5}
+    converted = {**yaml, "rms_norm_eps": 9.999999747378752e-06, "unk_token_id": 0, "_model_name_or_path": "x"}
+    assert architecture_diff(yaml, converted) == []
+    assert architecture_diff(yaml, {**yaml, "rms_norm_eps": 1e-6}) == ["rms_norm_eps: 1e-05 -> 1e-06"]

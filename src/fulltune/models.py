@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,8 +66,9 @@ def architecture_config(spec: DictConfig):
 
 # Config keys that do not change what the network computes: not worth a warning when they differ.
 NOT_ARCHITECTURE = {"architectures", "dtype", "torch_dtype", "use_cache", "transformers_version", "_name_or_path",
-                    "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions", "output_hidden_states",
-                    "return_dict", "chunk_size_feed_forward", "id2label", "label2id", "problem_type"}
+                    "_model_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+                    "sep_token_id", "output_attentions", "output_hidden_states", "return_dict",
+                    "chunk_size_feed_forward", "id2label", "label2id", "problem_type"}
 
 
 def weights_config_file(spec: DictConfig, download: bool = True) -> Path | None:
@@ -112,9 +114,13 @@ def architecture_diff(given: dict, weights: dict) -> list[str]:
         known = cfg.get("model_type") in CONFIG_MAPPING
         return CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg).to_dict() if known else dict(cfg)
 
+    def same(x: Any, y: Any) -> bool:  # a float written in float32 (GGUF) is the same setting: 1e-5 vs 9.99999975e-06
+        numbers = isinstance(x, float | int) and isinstance(y, float | int) and not isinstance(x, bool)
+        return math.isclose(x, y, rel_tol=1e-6) if numbers else x == y
+
     a, b = full(given), full(weights)
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys())
-            if key not in NOT_ARCHITECTURE and a.get(key) != b.get(key)]
+            if key not in NOT_ARCHITECTURE and not same(a.get(key), b.get(key))]
 
 
 def resolve_architecture(spec: DictConfig, download: bool = True) -> None:
