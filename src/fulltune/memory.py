@@ -454,8 +454,8 @@ def build_memory_plan(
     if step_in_backward:  # one parameter at a time, while backward's activations are still live; the
         # input embedding's (the largest, often) last, once they are freed
         step = optimizer_step_bytes(arch, mid_backward, step_b, impl)
-        last = min(trainable, arch.largest) * grad_b + optimizer_step_bytes(arch, min(trainable, arch.largest),
-                                                                            step_b, impl)
+        largest = min(trainable, arch.largest)
+        last = largest * grad_b + optimizer_step_bytes(arch, largest, step_b, impl)
         step += max(0, last - activations - logits - step - mid_backward * grad_b)
     step_line = 0 if offload else step if step_in_backward else max(0, step - activations - logits)
     # The chunked loss computes the head weight's gradient in forward, while the previous step's gradients

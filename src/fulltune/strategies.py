@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -298,6 +299,16 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._hf_zero3 = None
         if self.zero_stage_3:
             _restart_zero3_ids()
+
+
+def destroy_process_group() -> None:
+    """End this process's distributed state, if any, so a next job (a multirun's) starts afresh:
+    through DeepSpeed where it set the group up, which also drops the process groups it caches."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _restart_zero3_ids() -> None:

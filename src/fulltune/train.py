@@ -64,19 +64,14 @@ def job_scope(job_config: Path) -> Iterator[None]:
     variables (LOCAL_RANK, WORLD_SIZE, MASTER_PORT...) are cleared: left set, the next job would take
     its processes for externally started ones and wait for ranks that never come.
     """
-    import torch
+    from fulltune.strategies import destroy_process_group
 
     saved = dict(os.environ)
     os.environ[JOB_CONFIG_ENV] = str(job_config)
     try:
         yield
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            deepspeed_comm = sys.modules.get("deepspeed.comm")
-            if deepspeed_comm is not None and deepspeed_comm.is_initialized():
-                deepspeed_comm.destroy_process_group()  # also drops the process groups DeepSpeed caches
-            else:
-                torch.distributed.destroy_process_group()
+        destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
 
